@@ -536,6 +536,8 @@ def test_notes_tell_how_to_reach_the_service_and_check_the_cache(helm, values, h
         ({"lmcache.localDisk": "/data/lmcache"}, {}, "lmcache.maxLocalDiskSize is not set"),
         ({"lmcache.maxLocalCpuSize": "8.0"}, {}, "lmcache.maxLocalCpuSize (8.0 GB) is not below"),
         ({"lmcache.maxLocalCpuSize": "4", "deployment.resources.limits.memory": "4096Mi"}, {}, "is not below"),
+        ({"lmcache.maxLocalCpuSize": "", "deployment.resources.limits.memory": "4Gi"}, {},
+         "lmcache.maxLocalCpuSize (5.0 GB) is not below"),
         ({"lmcache.enableP2P": "True"}, {}, "no lookup registry"),
         ({}, {"persistence.enabled": "true"}, "lmcache.localDisk is empty"),
         ({"connectorInstall.package": "x", "connectorInstall.wheelUrl": "https://x/y.whl"}, {}, "both set"),
@@ -544,7 +546,8 @@ def test_notes_tell_how_to_reach_the_service_and_check_the_cache(helm, values, h
     ids=["chunk-size-not-a-number", "chunk-size-not-a-string", "typo-in-lmcache-key", "unknown-deployment-key",
          "local-cpu-not-boolean", "unknown-service-type", "min-replicas-above-max", "disk-tier-larger-than-claim",
          "disk-tier-fills-empty-dir", "disk-tier-without-size", "cpu-tier-not-below-memory-limit",
-         "cpu-tier-equals-limit-in-mi", "p2p-without-registry", "volume-without-disk-tier", "two-connector-sources",
+         "cpu-tier-equals-limit-in-mi", "library-default-cpu-tier-above-limit",
+         "p2p-without-registry", "volume-without-disk-tier", "two-connector-sources",
          "variable-set-twice"],
 )  # fmt: skip
 def test_bad_values_fail_with_a_clear_message(helm, set_string, set_values, message):

@@ -12,11 +12,13 @@ the values involved and the fix. Included once, from deployment.yaml.
 {{- end }}
 
 {{- /* The CPU tier is allocated up front, inside the container's memory limit, beside vLLM itself. */}}
+{{- /* Empty means the library's default size, 5.0 GB, which must fit just the same. */}}
 {{- $memoryLimit := dig "limits" "memory" "" $v.deployment.resources }}
-{{- if and (include "lmcache.isTrue" $lm.localCpu) $lm.maxLocalCpuSize $memoryLimit }}
+{{- $cpuTier := default "5.0" $lm.maxLocalCpuSize }}
+{{- if and (include "lmcache.isTrue" $lm.localCpu) $memoryLimit }}
 {{- $limitGiB := include "lmcache.quantityToGiB" $memoryLimit | float64 }}
-{{- if ge (float64 $lm.maxLocalCpuSize) $limitGiB }}
-{{- fail (printf "lmcache.maxLocalCpuSize (%s GB) is not below deployment.resources.limits.memory (%s): the CPU cache tier lives inside the container's memory limit and vLLM needs room beside it; lower maxLocalCpuSize to at most the limit minus about 4 GiB minus deployment.shmSize, or raise the limit" $lm.maxLocalCpuSize (toString $memoryLimit)) }}
+{{- if ge (float64 $cpuTier) $limitGiB }}
+{{- fail (printf "lmcache.maxLocalCpuSize (%s GB) is not below deployment.resources.limits.memory (%s): the CPU cache tier lives inside the container's memory limit and vLLM needs room beside it; lower maxLocalCpuSize to at most the limit minus about 4 GiB minus deployment.shmSize, or raise the limit" $cpuTier (toString $memoryLimit)) }}
 {{- end }}
 {{- end }}
 
