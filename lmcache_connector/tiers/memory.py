@@ -39,10 +39,13 @@ class MemoryPool:
         else:
             self.buffer = torch.empty(shape, dtype=torch.uint8)
 
-    def slot(self, slot: int, num_blocks: int | None = None) -> torch.Tensor:
-        """The ``[R, num_blocks, row_bytes]`` view of a slot's first ``num_blocks`` blocks."""
+    def slot(self, slot: int, num_blocks: int | None = None, first_block: int = 0) -> torch.Tensor:
+        """The ``[R, num_blocks, row_bytes]`` view of blocks ``[first_block, first_block + num_blocks)``."""
         view = self.buffer[slot]
-        return view if num_blocks is None else view[:, :num_blocks]
+        if num_blocks is None and first_block == 0:
+            return view
+        end = view.shape[1] if num_blocks is None else first_block + num_blocks
+        return view[:, first_block:end]
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,13 @@
+"""The vLLM glue: ``LMCacheConnector`` and its scheduler- and worker-side halves.
+
+Importing this package imports vLLM (after checking its version); the top-level package defers
+that until ``lmcache_connector.LMCacheConnector`` is first used.
+"""
+
+from ..vllm_version import check_vllm_version
+
+check_vllm_version()
+
+from .connector import LMCacheConnector  # noqa: E402
+
+__all__ = ["LMCacheConnector"]

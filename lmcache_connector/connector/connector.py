@@ -1,0 +1,201 @@
+"""``LMCacheConnector``: the class vLLM loads through ``kv_connector_module_path``.
+
+vLLM builds one instance per process and role: SCHEDULER in the engine core, WORKER in each worker.
+This class only validates configuration, picks the half for its role, and makes sure that no
+exception from the cache ever reaches vLLM while serving: a failing lookup is a miss, a failing
+plan is an empty plan, a failing load is reported for recompute, a failing store is dropped.
+Configuration errors, on the other hand, are raised at start, before any request is served.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from ..config import describe, load_config
+from ..logs import configure_logging
+from .geometry import compute_geometry
+from .metadata import StepPlan
+from .scheduler import SchedulerSide
+from .worker import WorkerSide
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("lmcache_connector")
+
+
+def _shielded(fallback):
+    """Log (once per kind) and swallow an exception from a serving-time hook; return ``fallback()``."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception:
+                if method.__name__ not in self._reported_errors:
+                    self._reported_errors.add(method.__name__)
+                    logger.exception("lmcache_connector: %s failed; serving continues without the cache", method.__name__)
+                return fallback(self, *args, **kwargs)
+
+        return guarded
+
+    return wrap
+
+
+class LMCacheConnector(KVConnectorBase_V1):
+    """Reuses KV caches of repeated prompt prefixes from a CPU-memory tier."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._reported_errors: set[str] = set()
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.config = load_config(os.environ, extra)
+        configure_logging(self.config.log_level)
+        self.geometry = compute_geometry(vllm_config, kv_cache_config, self.config)
+        # vLLM fails a request whose load failed unless told to recompute; a cache miss must never
+        # fail a request, so recompute is the default (LMCACHE_LOAD_FAILURE_POLICY=fail opts out).
+        self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
+
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(self.config, self.geometry)
+            self._log_start()
+        else:
+            self._worker = WorkerSide(self.config, self.geometry)
+
+    def _log_start(self) -> None:
+        g = self.geometry
+        logger.info(
+            "lmcache_connector: %s; memory tier %d chunk slots of %.1f MiB; namespace %s (model %s, %s, %s)",
+            describe(self.config),
+            g.num_slots,
+            g.slot_bytes / 2**20,
+            g.namespace.digest().hex()[:12],
+            g.namespace.model,
+            g.namespace.kv_dtype,
+            g.namespace.kv_layout,
+        )
+        for tier in self.config.unavailable_tiers():
+            logger.warning("lmcache_connector: %s is not available in this version; running without it", tier)
+        if self.config.local_disk:
+            logger.warning(
+                "lmcache_connector: the disk tier (LMCACHE_LOCAL_DISK=%s) is not available in this version; "
+                "running without it",
+                self.config.local_disk,
+            )
+        if g.num_slots == 0:
+            logger.warning("lmcache_connector: the memory tier holds no chunk (LMCACHE_MAX_LOCAL_CPU_SIZE too small)")
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped store is a future miss
+
+    # ============================================================ scheduler side
+
+    def _miss(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        return 0, False
+
+    @_shielded(_miss)
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def _no_load(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        return None
+
+    @_shielded(_no_load)
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def _empty_plan(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return StepPlan(step=-1)
+
+    @_shielded(_empty_plan)
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def _ignore(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    @_shielded(_ignore)
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
+
+    def _keep_nothing(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return False, None
+
+    @_shielded(_keep_nothing)
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self._scheduler is not None:
+            self._scheduler.request_finished(request)
+        return False, None
+
+    def reset_cache(self) -> bool | None:
+        return self._scheduler.reset_cache() if self._scheduler is not None else None
+
+    # ============================================================ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        try:
+            self._worker.register_kv_caches(kv_caches)
+        except Exception:
+            # Without a usable view of the KV cache every load fails (and is recomputed) and
+            # nothing is stored; the engine itself keeps serving.
+            logger.exception("lmcache_connector: cannot use this KV cache layout; the cache is disabled")
+
+    def _fail_loads(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        plan = self._connector_metadata
+        if isinstance(plan, StepPlan):
+            for specs in plan.loads.values():
+                for spec in specs:
+                    self._worker._load_errors.update(spec.block_ids)
+
+    @_shielded(_fail_loads)
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        plan = self._connector_metadata
+        if isinstance(plan, StepPlan):
+            self._worker.start_load_kv(plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete in start_load_kv, before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # stores copy whole blocks of all layers at once in wait_for_save
+
+    @_shielded(_ignore)
+    def wait_for_save(self) -> None:
+        plan = self._connector_metadata
+        if isinstance(plan, StepPlan):
+            self._worker.wait_for_save(plan)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    @_shielded(_ignore)
+    def build_connector_worker_meta(self):
+        return self._worker.take_report() if self._worker is not None else None
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()

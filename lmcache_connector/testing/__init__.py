@@ -1,0 +1,1 @@
+"""Helpers for tests, benchmarks and the demo: never imported by the library itself."""

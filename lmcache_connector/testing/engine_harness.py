@@ -1,0 +1,238 @@
+"""A real vLLM engine in a child process, driven over a pipe: for tests, benchmarks and the demo.
+
+Each :class:`EngineProcess` owns one ``vllm.LLM`` (engine core in the child's own process:
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor), so several engines with different settings
+can run in one pytest session without sharing vLLM's process-global state, and an engine can be
+stopped and started again (a restart) like a real server. Besides ``generate``, the child answers
+questions about the connector inside it (index, pool, pins) and can inject faults, which is how the
+tests check what a user cannot see directly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from typing import Any
+
+CPU_ENGINE_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "2",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+CONNECTOR = {"kv_connector": "LMCacheConnector", "kv_connector_module_path": "lmcache_connector", "kv_role": "kv_both"}
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class EngineProcess:
+    """Start with ``EngineProcess(llm_kwargs, env)``; call methods; ``close()`` (or use ``with``)."""
+
+    def __init__(self, llm_kwargs: dict[str, Any], env: dict[str, str] | None = None, start_timeout: float = 300):
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child_conn, llm_kwargs, {**CPU_ENGINE_ENV, **(env or {})}))
+        self._proc.start()
+        child_conn.close()
+        self.start_seconds = self._receive(start_timeout)["start_seconds"]
+
+    def call(self, command: str, timeout: float = 600, **kwargs: Any) -> Any:
+        if not self._proc.is_alive():
+            raise EngineError(f"engine process exited (code {self._proc.exitcode})")
+        self._conn.send((command, kwargs))
+        return self._receive(timeout)
+
+    def _receive(self, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while not self._conn.poll(0.2):
+            if not self._proc.is_alive():
+                raise EngineError(f"engine process exited (code {self._proc.exitcode})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise EngineError(f"engine did not answer within {timeout:.0f} s")
+        ok, value = self._conn.recv()
+        if not ok:
+            raise EngineError(value)
+        return value
+
+    def generate(self, prompts: list[list[int]], max_tokens: int = 8, logprobs: int | None = None) -> list[dict]:
+        return self.call("generate", prompts=prompts, max_tokens=max_tokens, logprobs=logprobs)
+
+    def close(self, timeout: float = 60) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("shutdown", {}))
+                self._proc.join(timeout)
+            except (BrokenPipeError, OSError):
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(10)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def __enter__(self) -> EngineProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- the child
+
+
+def _serve(conn, llm_kwargs: dict[str, Any], env: dict[str, str]) -> None:
+    os.environ.update(env)
+    try:
+        started = time.monotonic()
+        llm = _make_llm(llm_kwargs)
+        conn.send((True, {"start_seconds": time.monotonic() - started}))
+    except Exception:
+        conn.send((False, traceback.format_exc()))
+        return
+    handlers = _Handlers(llm)
+    while True:
+        try:
+            command, kwargs = conn.recv()
+        except EOFError:
+            return
+        if command == "shutdown":
+            handlers.shutdown()
+            conn.send((True, None))
+            return
+        try:
+            conn.send((True, getattr(handlers, command)(**kwargs)))
+        except Exception:
+            conn.send((False, traceback.format_exc()))
+
+
+def _make_llm(llm_kwargs: dict[str, Any]):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kwargs = dict(llm_kwargs)
+    if isinstance(kwargs.get("kv_transfer_config"), dict):
+        kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+    kwargs.setdefault("distributed_executor_backend", "uni")
+    kwargs.setdefault("enforce_eager", True)
+    return LLM(**kwargs)
+
+
+class _Handlers:
+    def __init__(self, llm):
+        self.llm = llm
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, logprobs: int | None) -> list[dict]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs, ignore_eos=True)
+        started = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            top = None
+            if completion.logprobs is not None:
+                top = [{tok: lp.logprob for tok, lp in pos.items()} for pos in completion.logprobs]
+            results.append(
+                {
+                    "token_ids": list(completion.token_ids),
+                    "num_cached_tokens": out.num_cached_tokens or 0,
+                    "logprobs": top,
+                    "seconds": elapsed,
+                }
+            )
+        return results
+
+    def ttft(self, prompt: list[int]) -> float:
+        """Wall time of one ``generate`` with ``max_tokens=1``: the time to the first token."""
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        self.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+        return time.perf_counter() - started
+
+    def _scheduler_connector(self):
+        return self.llm.llm_engine.engine_core.engine_core.scheduler.connector
+
+    def _worker_connector(self):
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        return get_kv_transfer_group()
+
+    def connector_state(self) -> dict[str, Any]:
+        import resource
+
+        sched = self._scheduler_connector()._scheduler
+        worker = self._worker_connector()._worker
+        index = sched.index
+        return {
+            "num_slots": index.num_slots,
+            "used_slots": index.used_slots,
+            "stored_bytes": index.stored_bytes,
+            "entries": len(index),
+            "pins": index.pinned,
+            "evictions": index.stats.evictions,
+            "dropped_stores": index.stats.dropped_stores,
+            "inflight": sched.inflight,
+            "tracked_requests": len(sched._requests),
+            "slot_bytes": worker.pool.slot_bytes,
+            "pool_bytes": worker.pool.nbytes,
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "stats": vars(sched.stats),
+        }
+
+    def fingerprints(self, prompt: list[int]) -> dict[str, Any]:
+        from lmcache_connector.keys import block_fingerprints, request_root
+
+        sched = self._scheduler_connector()._scheduler
+        fps = block_fingerprints(request_root(sched.namespace_digest), prompt, sched.geometry.block_size)
+        return {"namespace": sched.namespace_digest.hex(), "fingerprints": [fp.hex() for fp in fps]}
+
+    def fail_next_loads(self, count: int) -> None:
+        """Make the worker's next ``count`` chunk loads raise, as a broken tier would."""
+        worker = self._worker_connector()._worker
+        original = worker.mover.load
+        remaining = [count]
+
+        def failing_load(src, block_ids):
+            if remaining[0] > 0:
+                remaining[0] -= 1
+                raise OSError("injected load failure")
+            return original(src, block_ids)
+
+        worker.mover.load = failing_load
+
+    def corrupt_pool(self, seed: int = 0) -> None:
+        """Overwrite every stored chunk's bytes with noise (a negative control: outputs must change)."""
+        import torch
+
+        worker = self._worker_connector()._worker
+        gen = torch.Generator().manual_seed(seed)
+        worker.pool.buffer.copy_(torch.randint(0, 256, worker.pool.buffer.shape, dtype=torch.uint8, generator=gen))
+
+    def reset_prefix_cache(self, reset_connector: bool = False) -> bool:
+        """Empty vLLM's own prefix cache (and the connector's too, when asked)."""
+        return bool(self.llm.reset_prefix_cache(reset_connector=reset_connector))
+
+    def shutdown(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
