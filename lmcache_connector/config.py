@@ -180,9 +180,9 @@ def _parse_lookup_url(raw: Any) -> str | None:
     if text is None:
         return None
     parsed = urlparse(text if "://" in text else "redis://" + text)
+    _check_port(parsed)
     if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
         raise ValueError("expected a Redis address: redis://HOST:PORT or HOST:PORT")
-    _check_port(parsed)
     return text
 
 
@@ -191,9 +191,9 @@ def _parse_host_port(raw: Any) -> str | None:
     if text is None:
         return None
     parsed = urlparse("//" + text.split("://", 1)[-1])
+    _check_port(parsed)
     if not parsed.hostname or parsed.port is None:
         raise ValueError("expected HOST:PORT, e.g. 10.0.0.5:8200")
-    _check_port(parsed)
     return text
 
 

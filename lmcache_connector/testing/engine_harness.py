@@ -224,8 +224,11 @@ class _Handlers:
         import torch
 
         worker = self._worker_connector()._worker
+        index = self._scheduler_connector()._scheduler.index
         gen = torch.Generator().manual_seed(seed)
-        worker.pool.buffer.copy_(torch.randint(0, 256, worker.pool.buffer.shape, dtype=torch.uint8, generator=gen))
+        for slot in {index.get(key).slot for key in list(index._entries)}:
+            view = worker.pool.slot(slot)
+            view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8, generator=gen))
 
     def reset_prefix_cache(self, reset_connector: bool = False) -> bool:
         """Empty vLLM's own prefix cache (and the connector's too, when asked)."""

@@ -1,0 +1,148 @@
+"""The LMCACHE_* configuration: LMCache's names and value forms, priorities, and clear errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from lmcache_connector.config import ConfigError, LMCacheConfig, check_chunk_size, load_config
+
+
+def test_defaults_match_lmcache_except_save_unfull_chunk():
+    config = load_config(env={})
+    assert config == LMCacheConfig()
+    assert (config.chunk_size, config.local_cpu, config.max_local_cpu_size) == (256, True, 5.0)
+    assert config.save_unfull_chunk is True  # LMCache's default is False; documented in the README
+    assert config.load_failure_policy == "recompute"
+
+
+@pytest.mark.parametrize("raw,expected", [("True", True), ("true", True), ("1", True), ("False", False),
+                                          ("false", False), ("0", False)])
+def test_booleans_accept_lmcache_forms(raw, expected):
+    assert load_config(env={"LMCACHE_LOCAL_CPU": raw}).local_cpu is expected
+
+
+def test_every_documented_variable_is_read_from_the_environment():
+    env = {
+        "LMCACHE_CHUNK_SIZE": "512",
+        "LMCACHE_LOCAL_CPU": "False",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": "2.5",
+        "LMCACHE_LOCAL_DISK": "file:///tmp/lmcache/",
+        "LMCACHE_MAX_LOCAL_DISK_SIZE": "10.0",
+        "LMCACHE_REMOTE_URL": "redis://cache:6379",
+        "LMCACHE_REMOTE_SERDE": "naive",
+        "LMCACHE_ENABLE_P2P": "True",
+        "LMCACHE_LOOKUP_URL": "redis://cache:6379",
+        "LMCACHE_DISTRIBUTED_URL": "10.0.0.5:8200",
+        "LMCACHE_SAVE_UNFULL_CHUNK": "False",
+        "LMCACHE_BLOCKING_TIMEOUT_SECS": "3",
+        "LMCACHE_LOG_LEVEL": "debug",
+        "LMCACHE_MODEL_NAME": "meta-llama/Llama-3-8B",
+    }
+    config = load_config(env=env)
+    assert config.chunk_size == 512 and config.local_cpu is False and config.max_local_cpu_size == 2.5
+    assert config.local_disk == "/tmp/lmcache" and config.max_local_disk_size == 10.0
+    assert config.remote_url == "redis://cache:6379" and config.enable_p2p is True
+    assert config.lookup_url == "redis://cache:6379" and config.distributed_url == "10.0.0.5:8200"
+    assert config.save_unfull_chunk is False and config.blocking_timeout_secs == 3.0
+    assert config.log_level == "DEBUG" and config.model_name == "meta-llama/Llama-3-8B"
+    assert config.max_local_cpu_bytes == 0  # local_cpu off
+    assert config.unavailable_tiers()  # remote and P2P are parsed but not served in this version
+
+
+def test_priority_is_file_then_env_then_extra_config(tmp_path):
+    config_file = tmp_path / "lmcache.yaml"
+    config_file.write_text("chunk_size: 128\nmax_local_cpu_size: 1.5\nsave_unfull_chunk: false\n")
+    env = {"LMCACHE_CONFIG_FILE": str(config_file), "LMCACHE_MAX_LOCAL_CPU_SIZE": "3"}
+    config = load_config(env=env, extra_config={"lmcache.save_unfull_chunk": True})
+    assert config.chunk_size == 128  # from the file
+    assert config.max_local_cpu_size == 3.0  # env overrides the file
+    assert config.save_unfull_chunk is True  # extra_config overrides both
+    assert load_config(env=env, extra_config={"chunk_size": 64}).chunk_size == 64  # no prefix needed
+
+
+@pytest.mark.parametrize(
+    "name,value,accepted",
+    [
+        ("LMCACHE_CHUNK_SIZE", "abc", "whole number"),
+        ("LMCACHE_CHUNK_SIZE", "0", "greater than 0"),
+        ("LMCACHE_CHUNK_SIZE", "25.5", "whole number"),
+        ("LMCACHE_LOCAL_CPU", "maybe", "True/true/1"),
+        ("LMCACHE_MAX_LOCAL_CPU_SIZE", "ten", "number of GB"),
+        ("LMCACHE_MAX_LOCAL_CPU_SIZE", "-1", "number of GB"),
+        ("LMCACHE_LOCAL_DISK", "relative/path", "absolute path"),
+        ("LMCACHE_LOCAL_DISK", "s3://bucket", "local folder"),
+        ("LMCACHE_MAX_LOCAL_DISK_SIZE", "lots", "number of GB"),
+        ("LMCACHE_REMOTE_URL", "ftp://host", "schemes"),
+        ("LMCACHE_REMOTE_URL", "redis://", "host is missing"),
+        ("LMCACHE_REMOTE_SERDE", "zip", "naive"),
+        ("LMCACHE_ENABLE_P2P", "sometimes", "True/true/1"),
+        ("LMCACHE_LOOKUP_URL", "http://x:1", "redis://HOST:PORT"),
+        ("LMCACHE_DISTRIBUTED_URL", "nohostport", "HOST:PORT"),
+        ("LMCACHE_DISTRIBUTED_URL", "host:99999", "port"),
+        ("LMCACHE_SAVE_UNFULL_CHUNK", "2", "True/true/1"),
+        ("LMCACHE_BLOCKING_TIMEOUT_SECS", "0", "seconds"),
+        ("LMCACHE_LOG_LEVEL", "LOUD", "DEBUG"),
+        ("LMCACHE_LOAD_FAILURE_POLICY", "ignore", "recompute"),
+    ],
+)
+def test_each_invalid_value_names_the_variable_the_value_and_what_is_accepted(name, value, accepted):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={name: value})
+    message = str(err.value)
+    assert name in message and repr(value) in message and accepted in message
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"LMCACHE_CHUNK_SIZE": "x", "LMCACHE_LOCAL_CPU": "y"})
+    assert len(err.value.problems) == 2
+
+
+def test_disk_path_without_size_is_an_error_not_a_silently_disabled_tier():
+    with pytest.raises(ConfigError, match="LMCACHE_MAX_LOCAL_DISK_SIZE"):
+        load_config(env={"LMCACHE_LOCAL_DISK": "/var/cache/lmcache"})
+
+
+def test_p2p_needs_lookup_and_distributed_urls():
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"LMCACHE_ENABLE_P2P": "true"})
+    assert "LMCACHE_LOOKUP_URL" in str(err.value) and "LMCACHE_DISTRIBUTED_URL" in str(err.value)
+
+
+def test_errors_from_file_and_extra_config_name_their_source(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("chunk_size: big\n")
+    with pytest.raises(ConfigError, match=f"chunk_size in {config_file}"):
+        load_config(env={"LMCACHE_CONFIG_FILE": str(config_file)})
+    with pytest.raises(ConfigError, match=r'kv_connector_extra_config\["lmcache.chunk_size"\]'):
+        load_config(env={}, extra_config={"lmcache.chunk_size": -4})
+
+
+def test_unreadable_or_malformed_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(env={"LMCACHE_CONFIG_FILE": str(tmp_path / "missing.yaml")})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunk_size: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(env={"LMCACHE_CONFIG_FILE": str(bad)})
+
+
+def test_unknown_variable_warns_with_the_closest_name(caplog):
+    with caplog.at_level(logging.WARNING, logger="lmcache_connector"):
+        load_config(env={"LMCACHE_CHUNKSIZE": "128", "LMCACHE_TRACK_USAGE": "false"})
+    assert "LMCACHE_CHUNKSIZE" in caplog.text and "did you mean LMCACHE_CHUNK_SIZE" in caplog.text
+    assert "TRACK_USAGE" not in caplog.text  # known LMCache variable with nothing to configure here
+
+
+def test_unknown_extra_config_key_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="lmcache_connector"):
+        load_config(env={}, extra_config={"lmcache.chunk_sise": 128})
+    assert "did you mean chunk_size" in caplog.text
+
+
+def test_chunk_must_be_whole_vllm_blocks():
+    check_chunk_size(LMCacheConfig(chunk_size=256), 32)
+    with pytest.raises(ConfigError, match="multiple of vLLM's block size 96"):
+        check_chunk_size(LMCacheConfig(chunk_size=256), 96)
