@@ -181,5 +181,5 @@ def _copy_regions(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.is_contiguous() and src.is_contiguous():
         dst.copy_(src, non_blocking=True)
         return
-    for dst_region, src_region in zip(dst, src):
+    for dst_region, src_region in zip(dst, src, strict=True):
         dst_region.copy_(src_region, non_blocking=True)

@@ -35,13 +35,13 @@ def gather_blocks_torch(paged: PagedKV, block_ids: list[int], out: torch.Tensor)
     """Copy blocks ``block_ids`` of every region into ``out[:, i]`` (``out`` is ``[R, n, row]``)."""
     runs = block_runs(block_ids)
     if len(runs) <= max(1, _MAX_RUN_FRACTION * len(block_ids)):
-        for region, dst in zip(paged.regions, out):
+        for region, dst in zip(paged.regions, out, strict=True):
             for first, pos, length in runs:
                 dst[pos : pos + length].copy_(region[first : first + length])
         return
     index = torch.tensor(block_ids, dtype=torch.long, device=paged.device)
     word = word_dtype(paged, out)
-    for region, dst in zip(paged.regions, out):
+    for region, dst in zip(paged.regions, out, strict=True):
         # ``dst`` is one region of the chunk: n dense rows, contiguous even in a partial slot.
         torch.index_select(region.view(word), 0, index, out=dst.view(word))
 
@@ -50,13 +50,13 @@ def scatter_blocks_torch(chunk: torch.Tensor, paged: PagedKV, block_ids: list[in
     """Copy ``chunk[:, i]`` (``[R, n, row]``) into block ``block_ids[i]`` of every region."""
     runs = block_runs(block_ids)
     if len(runs) <= max(1, _MAX_RUN_FRACTION * len(block_ids)):
-        for region, src in zip(paged.regions, chunk):
+        for region, src in zip(paged.regions, chunk, strict=True):
             for first, pos, length in runs:
                 region[first : first + length].copy_(src[pos : pos + length])
         return
     index = torch.tensor(block_ids, dtype=torch.long, device=paged.device)
     word = word_dtype(paged, chunk)
-    for region, src in zip(paged.regions, chunk):
+    for region, src in zip(paged.regions, chunk, strict=True):
         region.view(word).index_copy_(0, index, src.view(word))
 
 
