@@ -1,0 +1,750 @@
+#!/usr/bin/env python3
+"""One run on a CUDA machine: are the block-copy kernels and the GPU transfer path right, and how fast?
+
+1. Correctness: the Triton gather/scatter against the torch reference for every KV layout
+   (LBNHC, LBHNC, LHBNC, BLHNC, BLNHC, BHLNC), every dtype (bf16, fp16, fp32, fp8), MLA, odd block
+   counts, unsorted ids, partial-chunk slot views, tiles that do not divide the row, narrow
+   alignments, pinned host chunks; then :class:`CudaBlockMover` store/poll/load round trips.
+2. Timings, each beside its ceiling measured in the same run: gather/scatter of 256-token chunks of
+   a 7B-class cache (32 layers, 8 KV heads, head 128, bf16, block 16) against a device-to-device
+   ``copy_`` of the same bytes, one chunk and 8 chunks per launch, contiguous and scattered block
+   ids; a few tile/warp settings; host<->device stores and loads (CudaBlockMover and the raw kernel
+   writing/reading pinned memory) against a plain pinned ``copy_``.
+
+Every check is guarded: a failure is recorded in the JSON and the run goes on. The JSON is
+rewritten after every section, a watchdog ends the run past the time budget, and a summary table
+is printed last. Needs only torch and triton (no vLLM): the views vLLM would hand the connector are
+rebuilt here with ``as_strided`` (tests/test_ops_torch.py checks they match vLLM's).
+
+    python3 benchmarks/gpu_check.py [RESULT.json] [--budget-s 300]
+    TRITON_INTERPRET=1 python benchmarks/gpu_check.py --device cpu --quick   # dry run, no GPU
+
+Default result path: ``$OUT/gpu_check.json`` if ``$OUT`` is set, else ``benchmarks/results/gpu_check.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Logical [L, B, H, N, C] axes in physical order, as vLLM's KVCacheLayout enum defines them.
+LAYOUT_ORDERS = {
+    "LBHNC": (0, 1, 2, 3, 4),
+    "LBNHC": (0, 1, 3, 2, 4),
+    "LHBNC": (0, 2, 1, 3, 4),
+    "BLHNC": (1, 0, 2, 3, 4),
+    "BLNHC": (1, 0, 3, 2, 4),
+    "BHLNC": (1, 2, 0, 3, 4),
+}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8": getattr(torch, "float8_e4m3fn", torch.uint8),
+}
+SEVEN_B = dict(layers=32, heads=8, tokens=16, content=256, dtype=torch.bfloat16)  # head 128: K|V = 256
+CHUNK_BLOCKS = 16  # 256 tokens / block 16
+TARGET_DEVICE_RATIO = 0.8
+TARGET_HOST_RATIO = 0.8
+
+
+def make_layer_views(
+    layout: str,
+    layers: int,
+    blocks: int,
+    heads: int,
+    tokens: int,
+    content: int,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One flat uint8 buffer and the per-layer ``[B, H, N, C]`` views vLLM would carve out of it.
+
+    Strides follow vLLM's ``compute_layout_strides`` for an unpadded spec: walk the layout's
+    physical order from the innermost axis out, each axis' stride the size of everything inside.
+    """
+    elem = torch.empty(0, dtype=dtype).element_size()
+    shape = (layers, blocks, heads, tokens, content * elem)  # C in bytes
+    strides = [0] * 5
+    size = 1
+    for axis in reversed(LAYOUT_ORDERS[layout]):
+        strides[axis] = size
+        size *= shape[axis]
+    flat = torch.empty(size, dtype=torch.uint8, device=device)
+    view5 = flat.as_strided(shape, strides)
+    return flat, {f"layer{i}": view5[i].view(dtype) for i in range(layers)}
+
+
+# ---------------------------------------------------------------------------- bookkeeping
+
+
+class Run:
+    """Results, time budget, and the JSON file they are written to."""
+
+    def __init__(self, path: Path, budget_s: float):
+        self.path = path
+        self.start = time.monotonic()
+        self.budget_s = budget_s
+        self.lock = threading.RLock()
+        self.results: dict = {"meta": {}, "checks": [], "timings": [], "skipped": [], "errors": []}
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    def check(self, name: str, fn: Callable[[], object]) -> bool:
+        started = time.monotonic()
+        try:
+            detail = fn()
+            row = {"name": name, "ok": True}
+            if detail is not None:
+                row["detail"] = detail
+        except Exception as exc:  # noqa: BLE001 - every failure is a result, never the end of the run
+            row = {"name": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            row["trace"] = traceback.format_exc()[-2000:]
+        row["seconds"] = round(time.monotonic() - started, 3)
+        with self.lock:
+            self.results["checks"].append(row)
+        return row["ok"]
+
+    def timing(self, **row) -> None:
+        with self.lock:
+            self.results["timings"].append(row)
+
+    def section(self, name: str, needs_s: float, fn: Callable[[], None]) -> None:
+        if self.left() < needs_s:
+            self.results["skipped"].append(f"{name}: {self.left():.0f} s left of the budget, needs ~{needs_s:.0f} s")
+            print(f"[gpu_check] skip {name}: time budget", flush=True)
+            return
+        print(f"[gpu_check] {name} ({self.left():.0f} s left)", flush=True)
+        started = time.monotonic()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            self.results["errors"].append(
+                {
+                    "section": name,
+                    "error": f"{type(exc).__name__}: {exc}"[:500],
+                    "trace": traceback.format_exc()[-3000:],
+                }
+            )
+        self.results["meta"].setdefault("section_seconds", {})[name] = round(time.monotonic() - started, 1)
+        self.save()
+
+    def save(self) -> None:
+        with self.lock:
+            self.results["meta"]["elapsed_s"] = round(time.monotonic() - self.start, 1)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.results, indent=1, default=str))
+            tmp.replace(self.path)
+
+    def summary(self) -> str:
+        with self.lock:
+            checks, timings = list(self.results["checks"]), list(self.results["timings"])
+            lines = [f"== gpu_check summary ({self.results['meta'].get('device', '?')}) =="]
+            failed = [c for c in checks if not c["ok"]]
+            lines.append(f"checks: {len(checks) - len(failed)}/{len(checks)} passed")
+            for c in failed[:15]:
+                lines.append(f"  FAIL {c['name']}: {c['error'][:150]}")
+            for e in self.results["errors"]:
+                lines.append(f"  SECTION ERROR {e['section']}: {e['error'][:150]}")
+            for s in self.results["skipped"]:
+                lines.append(f"  skipped {s}")
+            if timings:
+                lines.append(f"{'timing':<44} {'GB/s':>8} {'ceiling':>8} {'ratio':>6} {'target':>6}")
+                for t in timings:
+                    if t.get("summary", True) is False:
+                        continue
+                    ratio = "" if t.get("ratio") is None else f"{t['ratio']:.2f}"
+                    meets = {None: "", True: "ok", False: "MISS"}[t.get("meets")]
+                    lines.append(
+                        f"{t['name'][:44]:<44} {t.get('gbps', 0):8.1f} {t.get('ceiling_gbps', 0):8.1f} "
+                        f"{ratio:>6} {meets:>6}"
+                    )
+            lines.append(f"json: {self.path}   elapsed {time.monotonic() - self.start:.0f} s")
+            return "\n".join(lines)
+
+
+def median_wall_ms(fn: Callable[[], None], sync: Callable[[], None], reps: int, warmup: int = 2) -> float:
+    """Median host wall-clock of ``fn(); sync()``: for work that spans several streams."""
+    for _ in range(warmup):
+        fn()
+        sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def device_ms(fn: Callable[[], None], device: str, quick: bool) -> float:
+    """Median device time of ``fn`` (CUDA events through triton's do_bench, L2 flushed between runs)."""
+    if device != "cuda":
+        return median_wall_ms(fn, lambda: None, reps=3 if quick else 9, warmup=1)
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    except TypeError:  # an older do_bench without return_mode
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, quantiles=[0.5])[0])
+
+
+def ratio_row(run: Run, name: str, nbytes: int, ms: float, ceiling_ms: float, target: float | None, **extra) -> None:
+    gbps, ceiling = nbytes / ms / 1e6, nbytes / ceiling_ms / 1e6
+    ratio = round(gbps / ceiling, 3)
+    row = dict(name=name, bytes=nbytes, ms=round(ms, 4), gbps=round(gbps, 1), ceiling_gbps=round(ceiling, 1))
+    row.update(ratio=ratio, target=target, meets=None if target is None else ratio >= target, **extra)
+    run.timing(**row)
+
+
+# ---------------------------------------------------------------------------- correctness
+
+
+def correctness_cases() -> list[tuple[str, dict]]:
+    """(name, make_layer_views kwargs): every layout x dtype, plus MLA (H=1, C=576)."""
+    cases = []
+    for layout in LAYOUT_ORDERS:
+        for dname, dtype in DTYPES.items():
+            cases.append(
+                (f"{layout}-{dname}", dict(layout=layout, layers=3, heads=2, tokens=16, content=256, dtype=dtype))
+            )
+        cases.append(
+            (f"{layout}-MLA-bf16", dict(layout=layout, layers=3, heads=1, tokens=16, content=576, dtype=torch.bfloat16))
+        )
+    cases.append(
+        ("LBNHC-MLA-fp8", dict(layout="LBNHC", layers=3, heads=1, tokens=16, content=656, dtype=DTYPES["fp8"]))
+    )
+    return cases
+
+
+def check_layout_case(kw: dict, device: str, blocks: int, rng: random.Random) -> dict:
+    from lmcache_connector import ops
+    from lmcache_connector.ops import reference, triton_kernels
+    from lmcache_connector.ops.paged_kv import PagedKV
+
+    flat, views = make_layer_views(blocks=blocks, device=device, **kw)
+    flat.random_(0, 256)
+    paged = PagedKV.from_layer_views(views)
+    shape = lambda n: paged.chunk_shape(n)  # noqa: E731
+
+    def poisoned(n: int, value: int) -> torch.Tensor:
+        return torch.full(shape(n), value, dtype=torch.uint8, device=device)
+
+    # Gather, unsorted odd count: kernel and reference outputs poisoned differently, so a byte
+    # that neither wrote still differs.
+    ids = rng.sample(range(blocks), 13)
+    out, ref = poisoned(13, 0xA5), poisoned(13, 0x5A)
+    triton_kernels.gather_blocks_triton(paged, ids, out)
+    reference.gather_blocks_torch(paged, ids, ref)
+    assert torch.equal(out, ref), f"gather of unsorted ids {ids} differs from the reference"
+
+    # Gather, contiguous ids, through the dispatcher, into a partial slot view at block offset 3.
+    first = rng.randrange(blocks - 5)
+    ids_c = list(range(first, first + 5))
+    slot = torch.full((paged.num_regions, 16, paged.row_bytes), 0xA5, dtype=torch.uint8, device=device)
+    view = slot[:, 3:8]
+    ops.gather_blocks(paged, ids_c, view)
+    ref = poisoned(5, 0x5A)
+    reference.gather_blocks_torch(paged, ids_c, ref)
+    assert torch.equal(view, ref), "gather of contiguous ids into a partial slot view differs"
+    assert (slot[:, :3] == 0xA5).all() and (slot[:, 8:] == 0xA5).all(), "gather wrote outside its slot view"
+
+    # Tiles that do not divide the row (masked last tile).
+    out, ref = poisoned(13, 0xA5), poisoned(13, 0x5A)
+    triton_kernels.gather_blocks_triton(paged, ids, out, tile_bytes=max(16, paged.row_bytes // 3))
+    reference.gather_blocks_torch(paged, ids, ref)
+    assert torch.equal(out, ref), "gather with a tile that does not divide the row differs"
+
+    # Scatter: whole storage must equal the reference's (right rows written, nothing else).
+    chunk = torch.randint(0, 256, shape(13), dtype=torch.uint8, device=device)
+    before = flat.clone()
+    triton_kernels.scatter_blocks_triton(chunk, paged, ids)
+    got = flat.clone()
+    flat.copy_(before)
+    reference.scatter_blocks_torch(chunk, paged, ids)
+    assert torch.equal(got, flat), "scatter of unsorted ids differs from the reference"
+    assert not torch.equal(got, before), "scatter changed nothing"
+
+    # Scatter from a partial slot view, contiguous ids, through the dispatcher.
+    slot.random_(0, 256)
+    view = slot[:, 3:8]
+    flat.copy_(before)
+    ops.scatter_blocks(view, paged, ids_c)
+    got = flat.clone()
+    flat.copy_(before)
+    reference.scatter_blocks_torch(view.contiguous(), paged, ids_c)
+    assert torch.equal(got, flat), "scatter of contiguous ids from a partial slot view differs"
+
+    # Round trip through the layer views: blocks src -> chunk -> blocks dst.
+    flat.copy_(before)
+    src, dst = ids[:6], ids[6:12]
+    expect = {name: v[src].view(torch.uint8).clone() for name, v in views.items()}
+    mid = poisoned(6, 0xA5)
+    triton_kernels.gather_blocks_triton(paged, src, mid)
+    triton_kernels.scatter_blocks_triton(mid, paged, dst)
+    for name, v in views.items():
+        assert torch.equal(v[dst].view(torch.uint8), expect[name]), f"round trip changed layer {name}"
+    return {
+        "regions": paged.num_regions,
+        "row_bytes": paged.row_bytes,
+        "unit_bytes": triton_kernels.copy_unit_bytes(paged, out),
+    }
+
+
+def check_narrow_units(device: str) -> dict:
+    """Rows whose size allows only 8/4/2/1-byte words (and a misaligned chunk) copy right too."""
+    from lmcache_connector.ops import reference, triton_kernels
+    from lmcache_connector.ops.paged_kv import PagedKV
+
+    units = {}
+    for row in (15, 6, 12, 24, 48, 16 * 1030):
+        blocks, stride = 11, 2 * row
+        storage = torch.randint(0, 256, (2 * blocks * stride + 7,), dtype=torch.uint8, device=device)
+        paged = PagedKV(storage, [0, blocks * stride], stride, row, blocks)
+        ids = [9, 2, 5, 0, 7]
+        backing = torch.full((2 * 5 * row + 1,), 0xA5, dtype=torch.uint8, device=device)
+        out = backing[1:].view(2, 5, row) if row % 2 else backing[: 2 * 5 * row].view(2, 5, row)
+        ref = torch.full((2, 5, row), 0x5A, dtype=torch.uint8, device=device)
+        triton_kernels.gather_blocks_triton(paged, ids, out)
+        reference.gather_blocks_torch(paged, ids, ref)
+        assert torch.equal(out, ref), f"gather with {row}-byte rows differs"
+        before = storage.clone()
+        chunk = torch.randint(0, 256, (2, 5, row), dtype=torch.uint8, device=device)
+        triton_kernels.scatter_blocks_triton(chunk, paged, ids)
+        got = storage.clone()
+        storage.copy_(before)
+        reference.scatter_blocks_torch(chunk, paged, ids)
+        assert torch.equal(got, storage), f"scatter with {row}-byte rows differs"
+        units[row] = triton_kernels.copy_unit_bytes(paged, out)
+    return {"unit_bytes_by_row": units}
+
+
+def check_pinned_direct(device: str) -> None:
+    """The kernels read and write pinned host memory directly (zero-copy) and match the reference."""
+    from lmcache_connector.ops import reference, triton_kernels
+    from lmcache_connector.ops.paged_kv import PagedKV
+
+    flat, views = make_layer_views("LBNHC", 4, 32, 2, 16, 256, torch.bfloat16, device)
+    flat.random_(0, 256)
+    paged = PagedKV.from_layer_views(views)
+    ids = [30, 1, 17, 4, 22, 9, 11]
+    host = torch.full(paged.chunk_shape(7), 0xA5, dtype=torch.uint8).pin_memory()
+    triton_kernels.gather_blocks_triton(paged, ids, host)
+    torch.cuda.synchronize()
+    ref = torch.full(paged.chunk_shape(7), 0x5A, dtype=torch.uint8, device=device)
+    reference.gather_blocks_torch(paged, ids, ref)
+    assert torch.equal(host, ref.cpu()), "gather into pinned host memory differs"
+    host.random_(0, 256)
+    before = flat.clone()
+    triton_kernels.scatter_blocks_triton(host, paged, ids)
+    got = flat.clone()
+    flat.copy_(before)
+    reference.scatter_blocks_torch(host.to(device), paged, ids)
+    assert torch.equal(got, flat), "scatter from pinned host memory differs"
+
+
+def check_mover(device: str) -> dict:
+    """CudaBlockMover: async stores (ring reuse, partial chunks, blocks overwritten right after the
+    store call), poll/wait reporting, and loads into partial slot views."""
+    from lmcache_connector.cuda_transfer import CudaBlockMover
+    from lmcache_connector.ops import reference
+    from lmcache_connector.ops.paged_kv import PagedKV
+    from lmcache_connector.tiers.memory import MemoryPool
+    from lmcache_connector.transfer import make_block_mover
+
+    flat, views = make_layer_views("LBNHC", 4, 96, 2, 16, 256, torch.bfloat16, device)
+    flat.random_(0, 256)
+    paged = PagedKV.from_layer_views(views)
+    assert isinstance(make_block_mover(paged), CudaBlockMover), "make_block_mover did not pick CudaBlockMover"
+    mover = CudaBlockMover(paged, store_buffers=2, load_buffers=2)
+    pool = MemoryPool(8, paged.chunk_shape(8))
+    pool.buffer.fill_(0xA5)
+    rng = random.Random(1)
+    plans = [(s, rng.sample(range(96), 8 if s != 3 else 3)) for s in range(6)]
+    expected = {}
+    for slot, ids in plans:
+        ref = torch.empty(paged.chunk_shape(len(ids)), dtype=torch.uint8, device=device)
+        reference.gather_blocks_torch(paged, ids, ref)
+        expected[slot] = ref.cpu()
+        mover.store(ids, pool.slot(slot, len(ids)), store_id=100 + slot)
+        # The forward of the next step reuses the blocks at once: the store must not see it.
+        for region in paged.regions:
+            region[ids] = 0
+    flat_after = flat.clone()
+    reported: list[int] = []
+    deadline = time.monotonic() + 20
+    while len(reported) < len(plans) and time.monotonic() < deadline:
+        reported += mover.poll_stores()
+        time.sleep(0.0005)
+    reported += mover.wait_stores()
+    assert reported == [100 + s for s, _ in plans], f"store ids reported as {reported}"
+    for slot, ids in plans:
+        assert torch.equal(pool.slot(slot, len(ids)), expected[slot]), f"slot {slot} holds the wrong bytes"
+    assert (pool.slot(3)[:, 3:] == 0xA5).all(), "a partial store wrote past its blocks"
+    assert mover.poll_stores() == [] and mover.wait_stores() == [], "stores reported twice"
+
+    # Loads: whole slot, then blocks 2..6 of a slot (a partial, offset view), into fresh blocks.
+    targets = [(0, 0, 8, list(range(40, 48))), (1, 2, 5, [90, 50, 60, 70, 80])]
+    for slot, first, count, ids in targets:
+        mover.load(pool.slot(slot, count, first) if first else pool.slot(slot, count), ids)
+        got = torch.empty(paged.chunk_shape(count), dtype=torch.uint8, device=device)
+        reference.gather_blocks_torch(paged, ids, got)  # same stream: ordered after the load
+        assert torch.equal(got.cpu(), expected[slot][:, first : first + count]), f"load of slot {slot} differs"
+    untouched = torch.ones(flat.numel(), dtype=torch.bool, device=device)
+    for *_, ids in targets:
+        for region_offset in paged.region_offsets:
+            for b in ids:
+                start = region_offset + b * paged.block_stride
+                untouched[start : start + paged.row_bytes] = False
+    assert torch.equal(flat[untouched], flat_after[untouched]), "a load wrote outside its blocks"
+    return {"pinned_pool": pool.pinned}
+
+
+# ---------------------------------------------------------------------------- timings
+
+
+def time_device_copies(run: Run, device: str, quick: bool) -> None:
+    """Gather/scatter of a 7B-class cache vs device copy_ of the same bytes."""
+    cfg = dict(SEVEN_B, layers=4, heads=2) if quick else dict(SEVEN_B)
+    blocks = 64 if quick else 1024  # 1024 blocks x 2 MiB = 2 GiB: far beyond L2
+    layouts = ("LBNHC",) if quick else ("LBNHC", "LHBNC", "BLHNC")
+    rng = random.Random(2)
+    for layout in layouts:
+        if run.left() < 40:
+            run.results["skipped"].append(f"device timings for {layout}: time budget")
+            continue
+        _time_layout(run, layout, cfg, blocks, device, quick, rng)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_layout(run: Run, layout: str, cfg: dict, blocks: int, device: str, quick: bool, rng: random.Random) -> None:
+    from lmcache_connector.ops.paged_kv import PagedKV
+
+    flat, views = make_layer_views(layout, blocks=blocks, device=device, **cfg)
+    flat.random_(0, 256)
+    paged = PagedKV.from_layer_views(views)
+    sizes = (1,) if quick else (1, 8)  # chunks per launch
+    for chunks in sizes:
+        _time_size(run, layout, flat, paged, chunks, device, quick, rng, tune=layout == "LBNHC" and chunks == 8)
+
+
+def _time_size(run, layout, flat, paged, chunks, device, quick, rng, tune) -> None:
+    from lmcache_connector.ops import triton_kernels
+
+    blocks = paged.num_blocks
+    n = chunks * CHUNK_BLOCKS
+    nbytes = paged.num_regions * n * paged.row_bytes
+    rotate = 2 if quick else 4  # buffers and id sets cycled through, on top of do_bench's L2 flush
+    outs = [torch.empty(paged.chunk_shape(n), dtype=torch.uint8, device=device).random_(0, 256) for _ in range(rotate)]
+    starts = [rng.randrange(blocks - n + 1) for _ in range(rotate)]
+    patterns = {
+        "contiguous": [list(range(s, s + n)) for s in starts],
+        "scattered": [rng.sample(range(blocks), n) for _ in range(rotate)],
+    }
+    counter = [0]
+
+    def next_k() -> int:
+        counter[0] = (counter[0] + 1) % rotate
+        return counter[0]
+
+    def copy_in() -> None:
+        k = next_k()
+        outs[k].view(-1).copy_(flat[k * nbytes : (k + 1) * nbytes])
+
+    def copy_out() -> None:
+        k = next_k()
+        flat[k * nbytes : (k + 1) * nbytes].copy_(outs[k].view(-1))
+
+    def kernel(op: str, id_sets: list[list[int]], **options) -> Callable[[], None]:
+        def step() -> None:
+            k = next_k()
+            if op == "gather":
+                triton_kernels.gather_blocks_triton(paged, id_sets[k], outs[k], **options)
+            else:
+                triton_kernels.scatter_blocks_triton(outs[k], paged, id_sets[k], **options)
+
+        return step
+
+    ceiling = {"gather": device_ms(copy_in, device, quick), "scatter": device_ms(copy_out, device, quick)}
+    for pattern, id_sets in patterns.items():
+        for op in ("gather", "scatter"):
+            ratio_row(
+                run,
+                f"{op} {layout} {pattern} {chunks}ch",
+                nbytes,
+                device_ms(kernel(op, id_sets), device, quick),
+                ceiling[op],
+                TARGET_DEVICE_RATIO if chunks > 1 or quick else None,
+                kind="device",
+                op=op,
+                layout=layout,
+                pattern=pattern,
+                chunks=chunks,
+                blocks_per_launch=n,
+                regions=paged.num_regions,
+                row_bytes=paged.row_bytes,
+                ceiling="device copy_ of the same bytes",
+            )
+    if chunks == 1 and device == "cuda":
+        # Host cost per call: back-to-back one-chunk gathers, no sync in between.
+        step, calls = kernel("gather", patterns["scattered"]), 200
+        step()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            step()
+        host_us = (time.perf_counter() - started) / calls * 1e6
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - started) / calls * 1e6
+        run.timing(
+            name=f"gather {layout} scattered 1ch back-to-back",
+            kind="launch",
+            host_us_per_call=round(host_us, 1),
+            wall_us_per_call=round(wall_us, 1),
+            gbps=round(nbytes / wall_us / 1e3, 1),
+            summary=False,
+        )
+    if tune:
+        # A few (tile bytes, warps) settings on the batched LBNHC case; the default is 16 KiB, 4.
+        for tile_bytes, warps in ((8192, 4), (16384, 8), (32768, 8), (65536, 8)):
+            if run.left() < 30:
+                run.results["skipped"].append("tile tuning: time budget")
+                return
+            for pattern, id_sets in patterns.items():
+                for op in ("gather", "scatter"):
+                    try:
+                        ms = device_ms(kernel(op, id_sets, tile_bytes=tile_bytes, num_warps=warps), device, quick)
+                    except Exception as exc:  # noqa: BLE001
+                        run.results["errors"].append({"section": f"tile {tile_bytes}/{warps}", "error": str(exc)[:300]})
+                        continue
+                    ratio_row(
+                        run,
+                        f"tune {op} {pattern} tile{tile_bytes // 1024}K w{warps}",
+                        nbytes,
+                        ms,
+                        ceiling[op],
+                        None,
+                        kind="tune",
+                        tile_bytes=tile_bytes,
+                        num_warps=warps,
+                        summary=False,
+                    )
+
+
+def time_host_copies(run: Run, device: str, quick: bool) -> None:
+    """Host<->device: CudaBlockMover and the raw kernel on pinned slots vs a plain pinned copy_."""
+    from lmcache_connector.cuda_transfer import CudaBlockMover
+    from lmcache_connector.ops import triton_kernels
+    from lmcache_connector.ops.paged_kv import PagedKV
+    from lmcache_connector.tiers.memory import MemoryPool
+
+    cfg = dict(SEVEN_B, layers=4) if quick else SEVEN_B
+    blocks = 128 if quick else 512
+    flat, views = make_layer_views("LBNHC", blocks=blocks, device=device, **cfg)
+    flat.random_(0, 256)
+    paged = PagedKV.from_layer_views(views)
+    shape = paged.chunk_shape(CHUNK_BLOCKS)
+    chunk_bytes = shape[0] * shape[1] * shape[2]
+    slots = 4 if quick else 8
+    pool = MemoryPool(slots, shape)
+    pool.buffer.random_(0, 256)
+    run.results["meta"]["host_pool_pinned"] = pool.pinned
+    device_chunks = torch.empty(slots * chunk_bytes, dtype=torch.uint8, device=device).random_(0, 256)
+    mover = CudaBlockMover(paged)
+    rng = random.Random(3)
+    patterns = {
+        "contiguous": [list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS)) for i in range(slots)],
+        "scattered": [rng.sample(range(blocks), CHUNK_BLOCKS) for _ in range(slots)],
+    }
+    reps = {1: 15, slots: 5}
+
+    def device_chunk(i: int) -> torch.Tensor:
+        return device_chunks[i * chunk_bytes : (i + 1) * chunk_bytes].view(shape)
+
+    def over_chunks(chunks: int, copy_one: Callable[[int], None], then: Callable[[], object] = lambda: None):
+        def fn() -> None:
+            for i in range(chunks):
+                copy_one(i)
+            then()
+
+        return fn
+
+    for chunks in (1, slots):
+        nbytes = chunks * chunk_bytes
+        d2h = over_chunks(chunks, lambda i: pool.slot(i).copy_(device_chunk(i), non_blocking=True))
+        h2d = over_chunks(chunks, lambda i: device_chunk(i).copy_(pool.slot(i), non_blocking=True))
+        ceiling = {
+            "store": median_wall_ms(d2h, torch.cuda.synchronize, reps[chunks]),
+            "load": median_wall_ms(h2d, torch.cuda.synchronize, reps[chunks]),
+        }
+        for op, ms in ceiling.items():
+            run.timing(
+                name=f"pinned copy_ {'D2H' if op == 'store' else 'H2D'} {chunks}ch",
+                kind="host-ceiling",
+                bytes=nbytes,
+                ms=round(ms, 4),
+                gbps=round(nbytes / ms / 1e6, 1),
+                summary=False,
+            )
+        for pattern, ids in patterns.items():
+            variants = (
+                (
+                    "mover store",
+                    "store",
+                    lambda i, ids=ids: mover.store(ids[i], pool.slot(i), store_id=i),
+                    mover.wait_stores,
+                ),
+                ("mover load", "load", lambda i, ids=ids: mover.load(pool.slot(i), ids[i])),
+                (
+                    "kernel->pinned store",
+                    "store",
+                    lambda i, ids=ids: triton_kernels.gather_blocks_triton(paged, ids[i], pool.slot(i)),
+                ),
+                (
+                    "kernel<-pinned load",
+                    "load",
+                    lambda i, ids=ids: triton_kernels.scatter_blocks_triton(pool.slot(i), paged, ids[i]),
+                ),
+            )
+            for label, op, copy_one, *then in variants:
+                if run.left() < 15:
+                    run.results["skipped"].append(f"host timing {label} {pattern} {chunks}ch: time budget")
+                    continue
+                try:
+                    ms = median_wall_ms(over_chunks(chunks, copy_one, *then), torch.cuda.synchronize, reps[chunks])
+                except Exception as exc:  # noqa: BLE001
+                    error = f"{type(exc).__name__}: {exc}"[:300]
+                    run.results["errors"].append({"section": f"host {label}", "error": error})
+                    continue
+                ratio_row(
+                    run,
+                    f"{label} {pattern} {chunks}ch",
+                    nbytes,
+                    ms,
+                    ceiling[op],
+                    TARGET_HOST_RATIO if label.startswith("mover") else None,
+                    kind="host",
+                    pattern=pattern,
+                    chunks=chunks,
+                    ceiling=f"pinned copy_ {'D2H' if op == 'store' else 'H2D'} of the same bytes",
+                )
+    mover.wait_stores()
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def default_path() -> Path:
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"]) / "gpu_check.json"
+    return ROOT / "benchmarks" / "results" / "gpu_check.json"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, default=None, help="result JSON path")
+    parser.add_argument("--budget-s", type=float, default=300, help="overall time budget (seconds)")
+    parser.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: dry run under TRITON_INTERPRET=1"
+    )
+    parser.add_argument("--quick", action="store_true", help="small timing sizes (dry runs)")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    run = Run(args.out or default_path(), args.budget_s)
+    meta = run.results["meta"]
+    meta.update(python=platform.python_version(), torch=torch.__version__, argv=sys.argv[1:])
+
+    # The watchdog: past the budget (plus grace), write what there is, print the table and leave.
+    def watchdog() -> None:
+        run.results["errors"].append({"section": "watchdog", "error": "time budget exceeded; run aborted"})
+        try:
+            run.save()
+            print(run.summary(), flush=True)
+        finally:
+            os._exit(3)
+
+    timer = threading.Timer(args.budget_s + 60, watchdog)
+    timer.daemon = True
+    timer.start()
+
+    def setup() -> None:
+        import triton
+
+        meta["triton"] = triton.__version__
+        sys.modules.setdefault("vllm", None)  # the path under test must not need vLLM
+        import lmcache_connector.cuda_transfer  # noqa: F401
+        import lmcache_connector.ops
+        import lmcache_connector.tiers.memory  # noqa: F401
+        import lmcache_connector.transfer  # noqa: F401
+
+        meta["heavy_imports"] = sorted(m for m in ("yaml", "safetensors", "xxhash") if sys.modules.get(m))
+        meta["triton_kernels_import"] = run.check("import lmcache_connector.ops.triton_kernels", _import_kernels)
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("torch.cuda.is_available() is False")
+            props = torch.cuda.get_device_properties(0)
+            meta.update(
+                device=props.name,
+                sm_count=props.multi_processor_count,
+                l2_bytes=getattr(props, "L2_cache_size", None),
+                memory_gib=round(props.total_memory / 2**30, 1),
+                cuda=torch.version.cuda,
+            )
+            torch.ones(1, device="cuda").sum().item()  # context creation out of later timings
+        else:
+            meta["device"] = "cpu (TRITON_INTERPRET dry run)"
+
+    run.section("setup", 0, setup)
+    if run.results["errors"]:
+        print(run.summary(), flush=True)
+        return 2
+
+    def correctness() -> None:
+        rng = random.Random(0)
+        blocks = 24
+        for name, kw in correctness_cases():
+            run.check(f"layout {name}", lambda kw=kw: check_layout_case(kw, device, blocks, rng))
+        run.check("narrow alignments (8/4/2/1-byte words, masked tiles)", lambda: check_narrow_units(device))
+        if device == "cuda":
+            run.check("kernel <-> pinned host memory (zero-copy)", lambda: check_pinned_direct(device))
+            run.check("CudaBlockMover store/poll/load round trip", lambda: check_mover(device))
+
+    run.section("correctness", 60, correctness)
+    run.section("device timings", 60, lambda: time_device_copies(run, device, args.quick))
+    if device == "cuda":
+        run.section("host<->device timings", 30, lambda: time_host_copies(run, device, args.quick))
+        torch.cuda.empty_cache()
+    timer.cancel()
+    run.save()
+    print(run.summary(), flush=True)
+    failed = [c for c in run.results["checks"] if not c["ok"]]
+    return 1 if failed or run.results["errors"] else 0
+
+
+def _import_kernels() -> None:
+    import lmcache_connector.ops.triton_kernels  # noqa: F401
+
+
+if __name__ == "__main__":
+    sys.exit(main())
