@@ -39,7 +39,7 @@ INTERPRETER_TILE_BYTES = 1 << 22
 
 _UNIT_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _REGION_OFFSETS_CACHE: dict[tuple, torch.Tensor] = {}
-_REGION_OFFSETS_CACHE_SIZE = 8
+_REGION_OFFSETS_CACHE_SIZE = 16  # a process has one KV cache; tests and benchmarks build many
 
 
 # first_block is not specialized on: block 1 would otherwise compile a kernel of its own.
@@ -192,7 +192,11 @@ def _region_offsets(paged: PagedKV, elem: int) -> torch.Tensor:
     cached = _REGION_OFFSETS_CACHE.get(key)
     if cached is None:
         if len(_REGION_OFFSETS_CACHE) >= _REGION_OFFSETS_CACHE_SIZE:
-            _REGION_OFFSETS_CACHE.pop(next(iter(_REGION_OFFSETS_CACHE)))
+            evicted = _REGION_OFFSETS_CACHE.pop(next(iter(_REGION_OFFSETS_CACHE)))
+            if evicted.is_cuda:
+                # A launch on another stream may not have read it yet; freeing it would let the
+                # allocator hand its memory out again. Rare (a new KV cache shape), so just wait.
+                torch.cuda.synchronize(evicted.device)
         offsets = [off // elem for off in paged.region_offsets]
         # A blocking upload, once: later launches on any stream see finished bytes.
         cached = torch.tensor(offsets, dtype=torch.int64, device=paged.device)
