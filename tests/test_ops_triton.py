@@ -108,12 +108,12 @@ def test_round_trip_through_layer_views_is_bit_exact(kernels, case):
     """Blocks src -> chunk -> blocks dst: every layer's view of dst now holds what src held."""
     _, views, paged = build(CASES[case])
     src, dst = [17, 3, 9, 21, 0], [5, 22, 1, 14, 8]
-    expected = {name: v[src].view(torch.uint8).clone() for name, v in views.items()}
+    expected = {name: v.view(torch.uint8)[src].clone() for name, v in views.items()}
     chunk = poisoned(paged.chunk_shape(len(src)), 0xA5)
     kernels.gather_blocks_triton(paged, src, chunk)
     kernels.scatter_blocks_triton(chunk, paged, dst)
     for name, v in views.items():
-        assert torch.equal(v[dst].view(torch.uint8), expected[name]), name
+        assert torch.equal(v.view(torch.uint8)[dst], expected[name]), name
 
 
 @pytest.mark.parametrize("first", [0, 3])
