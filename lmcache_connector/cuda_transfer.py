@@ -6,7 +6,8 @@
   bytes are in ``dst``, and only then may the slot be read, written to disk or reported stored.
 * ``load(src, block_ids)`` returns once ``src`` has been read (the slot may be reused or evicted
   right after); every kernel enqueued afterwards on the caller's current stream (the forward)
-  sees the loaded blocks. A slot must not be loaded while a store into it is still unreported.
+  sees the loaded blocks. A load is ordered after every store issued before it, so a slot whose
+  store has not been reported yet can already be loaded.
 
 How the work is ordered, and why:
 
@@ -152,6 +153,9 @@ class CudaBlockMover:
             index, buffer, busy = self._load_ring.take(src.numel())
             if busy is not None:
                 self._load_stream.wait_event(busy)
+            # The scheduler may plan a load from a slot whose store is still copying to the host:
+            # order the read after every store issued so far (a device-side wait).
+            self._load_stream.wait_stream(self._store_stream)
             staged = buffer[: src.numel()].view(src.shape)
             with torch.cuda.stream(self._load_stream):
                 _copy_regions(staged, src)

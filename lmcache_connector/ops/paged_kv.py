@@ -44,7 +44,9 @@ class PagedKV:
         if min(self.region_offsets) < 0 or last > self.storage.numel():
             raise ValueError("a region of PagedKV lies outside its storage")
         self.regions = [
-            self.storage.as_strided((self.num_blocks, self.row_bytes), (self.block_stride, 1), off)
+            self.storage.as_strided(
+                (self.num_blocks, self.row_bytes), (self.block_stride, 1), self.storage.storage_offset() + off
+            )
             for off in self.region_offsets
         ]
 
