@@ -199,7 +199,7 @@ def _parse_host_port(raw: Any) -> str | None:
 
 def _check_port(parsed) -> None:
     try:
-        parsed.port
+        _ = parsed.port  # urllib raises here for a port outside 0-65535
     except ValueError:
         raise ValueError("the port must be a number from 1 to 65535") from None
 

@@ -18,7 +18,9 @@ def configure_logging(level: str) -> logging.Logger:
     logger.setLevel(level)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [lmcache_connector] %(message)s", "%m-%d %H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(levelname)s %(asctime)s [lmcache_connector] %(message)s", "%m-%d %H:%M:%S")
+        )
         logger.addHandler(handler)
         logger.propagate = False
     return logger

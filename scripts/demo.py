@@ -30,7 +30,12 @@ def main() -> None:
     model = build_model(BENCH, REPO / ".cache" / "models")
     with tempfile.TemporaryDirectory() as tmp:
         # vLLM logs only warnings here, so the demo's own lines stand out.
-        env = {"VLLM_CACHE_ROOT": f"{tmp}/vllm", "TMPDIR": tmp, "LMCACHE_CHUNK_SIZE": "256", "VLLM_LOGGING_LEVEL": "WARNING"}
+        env = {
+            "VLLM_CACHE_ROOT": f"{tmp}/vllm",
+            "TMPDIR": tmp,
+            "LMCACHE_CHUNK_SIZE": "256",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+        }
         llm_kwargs = {
             "model": str(model),
             "dtype": "bfloat16",

@@ -54,7 +54,7 @@ def assert_same_greedy(expected: dict, actual: dict, tolerance: float = 0.05) ->
     point the sequences legitimately diverge and are not compared further.
     """
     a, b = expected["token_ids"], actual["token_ids"]
-    for pos, (ta, tb) in enumerate(zip(a, b)):
+    for pos, (ta, tb) in enumerate(zip(a, b, strict=False)):
         if ta == tb:
             continue
         assert expected["logprobs"] and actual["logprobs"], f"outputs differ at position {pos}: {a} vs {b}"

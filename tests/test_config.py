@@ -17,8 +17,9 @@ def test_defaults_match_lmcache_except_save_unfull_chunk():
     assert config.load_failure_policy == "recompute"
 
 
-@pytest.mark.parametrize("raw,expected", [("True", True), ("true", True), ("1", True), ("False", False),
-                                          ("false", False), ("0", False)])
+@pytest.mark.parametrize(
+    "raw,expected", [("True", True), ("true", True), ("1", True), ("False", False), ("false", False), ("0", False)]
+)
 def test_booleans_accept_lmcache_forms(raw, expected):
     assert load_config(env={"LMCACHE_LOCAL_CPU": raw}).local_cpu is expected
 

@@ -15,8 +15,13 @@ def test_two_engine_processes_compute_identical_keys(engine_tmp):
         keys_first = first.call("fingerprints", prompt=prompt)
     finally:
         first.close()
-    second = start_engine(TINY, engine_tmp, env={"PYTHONHASHSEED": "2"}, enable_prefix_caching=True,
-                          prefix_caching_hash_algo="sha256_cbor")
+    second = start_engine(
+        TINY,
+        engine_tmp,
+        env={"PYTHONHASHSEED": "2"},
+        enable_prefix_caching=True,
+        prefix_caching_hash_algo="sha256_cbor",
+    )
     try:
         keys_second = second.call("fingerprints", prompt=prompt)
     finally:

@@ -41,7 +41,7 @@ def test_sixteen_concurrent_requests_sharing_prefixes(engines):
     engine.generate(prompts[:4], max_tokens=8)  # store each document once
     outputs = engine.generate(prompts, max_tokens=8, logprobs=5)
     assert all(out["num_cached_tokens"] >= 288 for out in outputs)  # the shared 9 whole blocks
-    for want, got in zip(expected, outputs):
+    for want, got in zip(expected, outputs, strict=True):
         assert_same_greedy(want, got)
     _assert_clean(engine)
 
@@ -63,7 +63,7 @@ def test_preemption_keeps_outputs_correct_and_releases_everything(engines):
     expected = _expected(baseline, prompts, 120)
     resumed_before = engine.call("connector_state")["stats"]["resumed_requests"]
     outputs = engine.generate(prompts, max_tokens=120, logprobs=5)  # 6 x ~16 blocks > 64: preemption
-    for want, got in zip(expected, outputs):
+    for want, got in zip(expected, outputs, strict=True):
         assert_same_greedy(want, got)
     state = _assert_clean(engine)
     assert state["stats"]["resumed_requests"] > resumed_before  # preemption really happened

@@ -14,8 +14,9 @@ PROMPT = 1024  # 8 whole chunks of 128 tokens: two prompts fill the tier
 
 @pytest.fixture(scope="module")
 def engine(engine_tmp):
-    engine = start_engine(TINY, engine_tmp, env={"LMCACHE_MAX_LOCAL_CPU_SIZE": str(LIMIT_GB)},
-                          extra_config={"chunk_size": 128})
+    engine = start_engine(
+        TINY, engine_tmp, env={"LMCACHE_MAX_LOCAL_CPU_SIZE": str(LIMIT_GB)}, extra_config={"chunk_size": 128}
+    )
     yield engine
     engine.close()
 

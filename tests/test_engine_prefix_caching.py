@@ -11,8 +11,14 @@ from lmcache_connector.testing.tiny_model import TINY, random_prompt
 @pytest.fixture(scope="module")
 def engine(engine_tmp):
     # A KV cache of 40 blocks (1,280 tokens) cannot keep several 600-token prompts at once.
-    engine = start_engine(TINY, engine_tmp, enable_prefix_caching=True, num_gpu_blocks_override=40,
-                          max_model_len=1024, extra_config={"chunk_size": 128})
+    engine = start_engine(
+        TINY,
+        engine_tmp,
+        enable_prefix_caching=True,
+        num_gpu_blocks_override=40,
+        max_model_len=1024,
+        extra_config={"chunk_size": 128},
+    )
     yield engine
     engine.close()
 

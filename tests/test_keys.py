@@ -9,8 +9,9 @@ import sys
 
 from lmcache_connector.keys import MultimodalItem, Namespace, block_fingerprints, request_root
 
-NS = Namespace(model="m", kv_dtype="bfloat16", kv_layout="LBHNC", page_bytes=4096, num_layers=2,
-               block_size=16, chunk_size=64)
+NS = Namespace(
+    model="m", kv_dtype="bfloat16", kv_layout="LBHNC", page_bytes=4096, num_layers=2, block_size=16, chunk_size=64
+)
 TOKENS = list(range(100, 100 + 16 * 6 + 5))
 
 
@@ -27,13 +28,21 @@ def test_a_fingerprint_covers_the_whole_prefix():
     changed[20] += 1  # inside block 1
     a, b = fps(), fps(tokens=changed)
     assert a[0] == b[0]
-    assert all(x != y for x, y in zip(a[1:], b[1:]))
+    assert all(x != y for x, y in zip(a[1:], b[1:], strict=True))
 
 
 def test_everything_that_changes_kv_changes_the_keys():
     base = fps()[0]
-    for field, value in [("model", "other"), ("kv_dtype", "float16"), ("kv_layout", "LBNHC"), ("page_bytes", 8192),
-                         ("num_layers", 3), ("chunk_size", 128), ("tp_size", 2), ("pp_size", 2)]:
+    for field, value in [
+        ("model", "other"),
+        ("kv_dtype", "float16"),
+        ("kv_layout", "LBNHC"),
+        ("page_bytes", 8192),
+        ("num_layers", 3),
+        ("chunk_size", 128),
+        ("tp_size", 2),
+        ("pp_size", 2),
+    ]:
         assert fps(ns=dataclasses.replace(NS, **{field: value}))[0] != base, field
     assert fps(lora_name="adapter")[0] != base
     assert fps(cache_salt="tenant-a")[0] != base
@@ -57,8 +66,13 @@ def test_keys_do_not_depend_on_python_hash_seed():
         "print(block_fingerprints(request_root(ns.digest()), list(range(100, 200)), 16)[-1].hex())"
     )
     outputs = {
-        subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed},
-                       capture_output=True, text=True, check=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         for seed in ("0", "1", "random")
     }
     assert len(outputs) == 1

@@ -52,7 +52,9 @@ def _shielded(fallback):
             except Exception:
                 if method.__name__ not in self._reported_errors:
                     self._reported_errors.add(method.__name__)
-                    logger.exception("lmcache_connector: %s failed; serving continues without the cache", method.__name__)
+                    logger.exception(
+                        "lmcache_connector: %s failed; serving continues without the cache", method.__name__
+                    )
                 return fallback(self, *args, **kwargs)
 
         return guarded

@@ -141,7 +141,9 @@ class SchedulerSide:
             state.pending_pins.append(piece.entry.key)
             covered = hi
         if covered < end:
-            logger.warning("Request %s: stored chunks no longer cover the promised hit; recomputing", request.request_id)
+            logger.warning(
+                "Request %s: stored chunks no longer cover the promised hit; recomputing", request.request_id
+            )
             state.pending_loads.append(LoadSpec(FAILED_SLOT, 0, block_ids[covered:end]))
         self.index.pin(state.pending_pins)
         for key in state.pending_pins:
@@ -191,7 +193,9 @@ class SchedulerSide:
             self._load_pins[plan.step] = step_pins
         return plan
 
-    def _plan(self, plan: StepPlan, step_pins: list[tuple[str, bytes]], state: _RequestState, computed_after: int) -> None:
+    def _plan(
+        self, plan: StepPlan, step_pins: list[tuple[str, bytes]], state: _RequestState, computed_after: int
+    ) -> None:
         if state.pending_loads:
             plan.loads[state.req_id] = state.pending_loads
             step_pins.extend((state.req_id, key) for key in state.pending_pins)
@@ -222,7 +226,9 @@ class SchedulerSide:
         store_id = self._next_store_id
         self._next_store_id += 1
         self._inflight_stores[store_id] = key
-        plan.stores.setdefault(state.req_id, []).append(StoreSpec(store_id, slot, state.block_ids[start : start + count]))
+        plan.stores.setdefault(state.req_id, []).append(
+            StoreSpec(store_id, slot, state.block_ids[start : start + count])
+        )
 
     # ------------------------------------------------------------ worker reports
 

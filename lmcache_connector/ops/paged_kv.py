@@ -114,7 +114,7 @@ def _contiguous_runs(view: torch.Tensor) -> tuple[int, list[int]]:
     """
     # Walk the block's dimensions from the smallest stride up (layouts permute them), merging
     # while each dimension continues the dense run of the ones inside it.
-    dims = sorted(((st, sz) for sz, st in zip(view.shape[1:], view.stride()[1:]) if sz > 1), reverse=True)
+    dims = sorted(((st, sz) for sz, st in zip(view.shape[1:], view.stride()[1:], strict=True) if sz > 1), reverse=True)
     run = 1
     while dims and dims[-1][0] == run:
         run *= dims.pop()[1]

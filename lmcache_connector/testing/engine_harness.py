@@ -205,6 +205,37 @@ class _Handlers:
         fps = block_fingerprints(request_root(sched.namespace_digest), prompt, sched.geometry.block_size)
         return {"namespace": sched.namespace_digest.hex(), "fingerprints": [fp.hex() for fp in fps]}
 
+    def time_connector(self) -> None:
+        """Start accumulating the wall time spent inside the connector's hooks (both halves)."""
+        self._hook_seconds = {"total": 0.0}
+        names = [
+            "get_num_new_matched_tokens",
+            "update_state_after_alloc",
+            "build_connector_meta",
+            "update_connector_output",
+            "request_finished",
+            "start_load_kv",
+            "wait_for_save",
+            "build_connector_worker_meta",
+            "get_block_ids_with_load_errors",
+        ]
+        for connector in {id(c): c for c in (self._scheduler_connector(), self._worker_connector())}.values():
+            for name in names:
+                setattr(connector, name, self._timed(getattr(connector, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._hook_seconds["total"] += time.perf_counter() - started
+
+        return timed
+
+    def connector_seconds(self) -> float:
+        return self._hook_seconds["total"]
+
     def fail_next_loads(self, count: int) -> None:
         """Make the worker's next ``count`` chunk loads raise, as a broken tier would."""
         worker = self._worker_connector()._worker

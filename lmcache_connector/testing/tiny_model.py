@@ -35,10 +35,26 @@ class ModelShape:
 
 # The models the project's tests, demo and benchmarks use.
 TINY = ModelShape()
-SMALL_MHA = ModelShape(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                       head_dim=64, intermediate_size=512, vocab_size=2000, seed=1)
-BENCH = ModelShape(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
-                   head_dim=64, intermediate_size=2048, vocab_size=4000, seed=2)
+SMALL_MHA = ModelShape(
+    hidden_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=64,
+    intermediate_size=512,
+    vocab_size=2000,
+    seed=1,
+)
+BENCH = ModelShape(
+    hidden_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=2048,
+    vocab_size=4000,
+    seed=2,
+)
 
 
 def build_model(shape: ModelShape, root: str | Path) -> Path:
