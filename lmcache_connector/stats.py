@@ -1,0 +1,66 @@
+"""Counters the connector keeps while serving: what vLLM's stats log and ``/metrics`` show.
+
+Both halves count into a :class:`Counters` (plain numbers, no locks: each half runs on one thread),
+and vLLM collects them once per step through ``get_kv_connector_stats``: the workers' counters are
+summed across ranks and merged with the scheduler's, and only the flat ``dict`` travels to the
+front end, where :mod:`lmcache_connector.metrics` turns it into Prometheus series.
+
+Keys of the dict (``tier`` is ``memory`` or ``disk``):
+
+* counters (summed across workers and steps):
+  ``requested_tokens``, ``hit_tokens``, ``hit_tokens.<tier>``, ``lookups``,
+  ``stored_bytes.<tier>``, ``store_seconds.<tier>``, ``loaded_bytes.<tier>``, ``load_seconds.<tier>``,
+  ``evictions.<tier>``, ``dropped_stores``, ``failed_loads``, ``failed_stores.<tier>``,
+  ``remote_failures``;
+* gauges (the latest value wins; set by the scheduler): ``usage_bytes.<tier>``, ``capacity_bytes.<tier>``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+TIERS = ("memory", "disk")
+GAUGE_PREFIXES = ("usage_bytes.", "capacity_bytes.")
+
+
+def is_gauge(key: str) -> bool:
+    return key.startswith(GAUGE_PREFIXES)
+
+
+class Counters:
+    """Per-process counters since the last :meth:`take`; gauges keep their last value."""
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+        self._gauges: dict[str, float] = {}
+
+    def add(self, key: str, amount: float = 1) -> None:
+        self._counts[key] += amount
+
+    def set_gauge(self, key: str, value: float) -> None:
+        self._gauges[key] = value
+
+    def take(self) -> dict[str, float]:
+        """Counters since the last call (then reset) plus the current gauges; ``{}`` if nothing changed."""
+        data = {k: v for k, v in self._counts.items() if v}
+        self._counts.clear()
+        if data or self._gauges_changed():
+            data.update(self._gauges)
+        return data
+
+    def _gauges_changed(self) -> bool:
+        snapshot = tuple(sorted(self._gauges.items()))
+        changed = snapshot != getattr(self, "_last_gauges", None)
+        self._last_gauges = snapshot
+        return changed
+
+
+def merge(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Combine two stats dicts: counters add up, gauges take the larger (only one side sets them)."""
+    out = dict(a)
+    for key, value in b.items():
+        if is_gauge(key):
+            out[key] = max(out.get(key, value), value)
+        else:
+            out[key] = out.get(key, 0) + value
+    return out

@@ -1,0 +1,257 @@
+"""The on-disk format of one chunk: a safetensors file that can never run code.
+
+Layout (the safetensors format, written by hand so the bytes go straight from the memory pool to the
+file without an intermediate copy)::
+
+    8 bytes   little-endian length N of the JSON header
+    N bytes   {"__metadata__": {...}, "kv": {"dtype": "U8", "shape": [R, n, row], "data_offsets": [0, size]}}
+    size      the chunk bytes: R regions x n blocks x row bytes (the chunk-buffer format of ``ops``)
+
+``__metadata__`` records the format and its version, the chunk key, the namespace (rank-less, and
+the rank), the fingerprint of every block boundary in the chunk (so a restarted engine rebuilds the
+block-granular index from headers alone) and an xxh3-64 checksum of the bytes, verified on every
+load. Files are written under a temporary name and renamed into place, so a crash never leaves a
+half-written file under a chunk's name.
+
+File names: ``<namespace16>-<rank>-<key>.lmc.safetensors``; temporary files end in ``.lmc.tmp``
+and carry the writer's pid, so a start-up can tell an abandoned one from a write in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+FORMAT = "lmcache_connector.chunk"
+FORMAT_VERSION = "1"
+SUFFIX = ".lmc.safetensors"
+TMP_SUFFIX = ".lmc.tmp"
+TENSOR_NAME = "kv"
+MAX_HEADER_BYTES = 1 << 20
+
+_NAME = re.compile(r"^([0-9a-f]{16})-(tp\d+pp\d+)-([0-9a-f]{32})" + re.escape(SUFFIX) + "$")
+_TMP_NAME = re.compile(r"^.*\.(\d+)\.[0-9a-f]+" + re.escape(TMP_SUFFIX) + "$")
+
+
+class ChunkFileError(Exception):
+    """A chunk file that must not be loaded: missing, truncated, corrupt, foreign or not ours."""
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    key: str  # hex fingerprint of the chunk's last block
+    namespace: str  # hex digest of the rank-less namespace
+    rank: str  # "tp0pp0"
+    block_fps: tuple[str, ...]  # hex fingerprints of every block boundary in the chunk
+    shape: tuple[int, int, int]  # regions, blocks, row bytes
+    checksum: str = ""  # "xxh3_64:<hex>"
+    namespace_info: str = ""  # JSON description of the namespace, for humans and the CLI
+
+    @property
+    def nbytes(self) -> int:
+        regions, blocks, row = self.shape
+        return regions * blocks * row
+
+    @property
+    def file_name(self) -> str:
+        return chunk_file_name(self.namespace, self.rank, self.key)
+
+
+def rank_tag(tp_rank: int, pp_rank: int = 0) -> str:
+    return f"tp{tp_rank}pp{pp_rank}"
+
+
+def chunk_file_name(namespace_hex: str, rank: str, key_hex: str) -> str:
+    return f"{namespace_hex[:16]}-{rank}-{key_hex}{SUFFIX}"
+
+
+def parse_file_name(name: str) -> tuple[str, str, str] | None:
+    """``(namespace16, rank, key)`` for a chunk file name of ours, else ``None``."""
+    match = _NAME.match(name)
+    return match.groups() if match else None
+
+
+def is_ours(name: str) -> bool:
+    """Files this library owns in a cache folder (chunks and temporary files): they count toward its size."""
+    return name.endswith(SUFFIX) and parse_file_name(name) is not None or name.endswith(TMP_SUFFIX)
+
+
+def temp_writer_pid(name: str) -> int | None:
+    match = _TMP_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def checksum(regions: Sequence[memoryview]) -> str:
+    digest = xxhash.xxh3_64()
+    for region in regions:
+        digest.update(region)
+    return "xxh3_64:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def encode_header(header: ChunkHeader) -> bytes:
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "key": header.key,
+        "namespace": header.namespace,
+        "rank": header.rank,
+        "block_fps": ",".join(header.block_fps),
+        "checksum": header.checksum,
+        "namespace_info": header.namespace_info,
+    }
+    body = {
+        "__metadata__": metadata,
+        TENSOR_NAME: {"dtype": "U8", "shape": list(header.shape), "data_offsets": [0, header.nbytes]},
+    }
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_chunk(folder: str, header: ChunkHeader, regions: Sequence[memoryview], fsync: bool = True) -> int:
+    """Write one chunk atomically; return the file's size. Raises ``OSError`` (e.g. ENOSPC)."""
+    header = _with_checksum(header, regions)
+    encoded = encode_header(header)
+    final = os.path.join(folder, header.file_name)
+    temp = f"{final[: -len(SUFFIX)]}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, [memoryview(encoded), *regions])
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(temp, final)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    return len(encoded) + header.nbytes
+
+
+def _with_checksum(header: ChunkHeader, regions: Sequence[memoryview]) -> ChunkHeader:
+    from dataclasses import replace
+
+    return replace(header, checksum=checksum(regions))
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    pending = [b.cast("B") if b.format != "B" else b for b in buffers]
+    while pending:
+        written = os.writev(fd, pending[:1024])
+        while written and pending:
+            if written >= len(pending[0]):
+                written -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_header(path: str) -> tuple[ChunkHeader, int, int]:
+    """Parse and sanity-check a chunk file's header without reading its bytes.
+
+    Returns the header, the offset of the data and the file size. Raises :class:`ChunkFileError`
+    for anything that is not a complete chunk file of this format (including a truncated one).
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ChunkFileError("truncated header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise ChunkFileError("header length out of range")
+            raw = f.read(length)
+    except OSError as exc:
+        raise ChunkFileError(f"cannot read: {exc.strerror}") from exc
+    header = decode_header(raw)
+    if size != 8 + length + header.nbytes:
+        raise ChunkFileError(f"size {size} does not match its header ({8 + length + header.nbytes}): truncated")
+    return header, 8 + length, size
+
+
+def decode_header(raw: bytes) -> ChunkHeader:
+    try:
+        body = json.loads(raw)
+        meta = body["__metadata__"]
+        tensor = body[TENSOR_NAME]
+        if meta.get("format") != FORMAT:
+            raise ChunkFileError("not a lmcache_connector chunk")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ChunkFileError(f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+        shape = tuple(int(x) for x in tensor["shape"])
+        if tensor["dtype"] != "U8" or len(shape) != 3 or tensor["data_offsets"] != [0, shape[0] * shape[1] * shape[2]]:
+            raise ChunkFileError("unexpected tensor description")
+        return ChunkHeader(
+            key=meta["key"],
+            namespace=meta["namespace"],
+            rank=meta["rank"],
+            block_fps=tuple(meta["block_fps"].split(",")) if meta["block_fps"] else (),
+            shape=shape,
+            checksum=meta["checksum"],
+            namespace_info=meta.get("namespace_info", ""),
+        )
+    except ChunkFileError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ChunkFileError(f"malformed header ({exc})") from exc
+
+
+def read_chunk_into(path: str, expect: ChunkHeader | None, regions: Sequence[memoryview]) -> ChunkHeader:
+    """Read a chunk's bytes into ``regions`` (one buffer per region) and verify them.
+
+    ``expect`` (key, namespace, rank, shape) must match the file's header. Raises
+    :class:`ChunkFileError` when the file is missing, foreign, truncated or fails its checksum;
+    the buffers may then hold garbage and must not be used.
+    """
+    header, offset, _ = read_header(path)
+    if expect is not None and (header.key, header.namespace, header.rank, header.shape) != (
+        expect.key,
+        expect.namespace,
+        expect.rank,
+        expect.shape,
+    ):
+        raise ChunkFileError("header does not match the chunk that was asked for")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ChunkFileError(f"cannot open: {exc.strerror}") from exc
+    try:
+        _read_all(fd, [r.cast("B") if r.format != "B" else r for r in regions], offset)
+    finally:
+        os.close(fd)
+    if checksum(regions) != header.checksum:
+        raise ChunkFileError("checksum mismatch: the file is corrupt")
+    return header
+
+
+def _read_all(fd: int, buffers: list[memoryview], offset: int) -> None:
+    for buffer in buffers:
+        view = buffer
+        while len(view):
+            got = os.preadv(fd, [view], offset)
+            if got <= 0:
+                raise ChunkFileError("unexpected end of file")
+            offset += got
+            view = view[got:]
