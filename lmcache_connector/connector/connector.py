@@ -23,6 +23,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..config import describe, load_config
 from ..logs import configure_logging
+from ..metrics import LMCacheConnectorStats, build_stats
 from .geometry import compute_geometry
 from .metadata import StepPlan
 from .scheduler import SchedulerSide
@@ -112,6 +113,31 @@ class LMCacheConnector(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped store is a future miss
+
+    # ============================================================ statistics (both sides)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheConnectorStats:
+        return build_stats(data)
+
+    def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:
+        half = self._scheduler or self._worker
+        data = half.counters.take() if half is not None else {}
+        return build_stats(data) if data else None
+
+    _TIER_SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        if num_external_tokens == 0:
+            return {}
+        try:
+            by_tier = self._scheduler.hit_tokens_by_tier(request)
+        except Exception:
+            by_tier = {}
+        sources = {self._TIER_SOURCES[t]: n for t, n in by_tier.items() if n and t in self._TIER_SOURCES}
+        if sum(sources.values()) != num_external_tokens:
+            return {self._cache_hit_source: num_external_tokens}
+        return sources
 
     # ============================================================ scheduler side
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import LMCacheConfig
 from ..index import ChunkIndex, ChunkPiece
 from ..keys import MultimodalItem, block_fingerprints, request_root
+from ..stats import Counters
 from .geometry import Geometry
 from .metadata import LoadSpec, StepPlan, StoreSpec, WorkerReport
 
@@ -50,6 +51,7 @@ class _RequestState:
     block_ids: list[int] = field(default_factory=list)
     lookup: list[ChunkPiece] = field(default_factory=list)
     lookup_local_tokens: int = 0
+    hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # the last load's tokens per tier
     pending_loads: list[LoadSpec] = field(default_factory=list)
     pending_pins: list[bytes] = field(default_factory=list)
     next_chunk: int = 0  # chunks before this one are stored or known to the index
@@ -71,6 +73,9 @@ class SchedulerSide:
         self.index = ChunkIndex(geometry.num_slots, geometry.blocks_per_chunk, geometry.block_bytes)
         self.namespace_digest = geometry.namespace.digest()
         self.stats = SchedulerStats()
+        self.counters = Counters()
+        self.counters.set_gauge("capacity_bytes.memory", geometry.num_slots * geometry.slot_bytes)
+        self._evictions_seen = 0
         self._requests: dict[str, _RequestState] = {}
         self._step = 0
         self._next_store_id = 0
@@ -93,6 +98,7 @@ class SchedulerSide:
         state.lookup = pieces
         state.lookup_local_tokens = num_computed_tokens
         self.stats.lookups += 1
+        self.counters.add("lookups")
         self.stats.requested_tokens += max(0, request.num_tokens - num_computed_tokens)
         return max(0, hit_tokens - num_computed_tokens), False
 
@@ -123,6 +129,8 @@ class SchedulerSide:
         if state is None:
             return
         self._release_pending(state)
+        state.hit_tokens_by_tier = {}
+        self.counters.add("requested_tokens", max(0, request.num_tokens - state.lookup_local_tokens))
         if num_external_tokens <= 0:
             return
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
@@ -139,6 +147,8 @@ class SchedulerSide:
                 break
             state.pending_loads.append(LoadSpec(piece.entry.slot, lo - piece.chunk * bpc, block_ids[lo:hi]))
             state.pending_pins.append(piece.entry.key)
+            tokens = min(hi * bs, state.lookup_local_tokens + num_external_tokens) - max(lo * bs, first * bs)
+            state.hit_tokens_by_tier["memory"] = state.hit_tokens_by_tier.get("memory", 0) + tokens
             covered = hi
         if covered < end:
             logger.warning(
@@ -149,6 +159,14 @@ class SchedulerSide:
         for key in state.pending_pins:
             self.index.touch(key)
         self.stats.hit_tokens += num_external_tokens
+        self.counters.add("hit_tokens", num_external_tokens)
+        for tier, tokens in state.hit_tokens_by_tier.items():
+            self.counters.add(f"hit_tokens.{tier}", tokens)
+
+    def hit_tokens_by_tier(self, request: Request) -> dict[str, int]:
+        """Tokens of the request's planned load, per tier that supplies them (for vLLM's hit sources)."""
+        state = self._requests.get(request.request_id)
+        return dict(state.hit_tokens_by_tier) if state is not None else {}
 
     def _release_pending(self, state: _RequestState) -> None:
         self.index.unpin(state.pending_pins)
@@ -191,7 +209,15 @@ class SchedulerSide:
 
         if plan.loads:
             self._load_pins[plan.step] = step_pins
+        self._update_gauges()
         return plan
+
+    def _update_gauges(self) -> None:
+        evictions = self.index.stats.evictions
+        if evictions != self._evictions_seen:
+            self.counters.add("evictions.memory", evictions - self._evictions_seen)
+            self._evictions_seen = evictions
+        self.counters.set_gauge("usage_bytes.memory", self.index.stored_bytes)
 
     def _plan(
         self, plan: StepPlan, step_pins: list[tuple[str, bytes]], state: _RequestState, computed_after: int
@@ -222,6 +248,7 @@ class SchedulerSide:
             return
         slot = self.index.prepare_store(key, block_fps)
         if slot is None:
+            self.counters.add("dropped_stores")
             return
         store_id = self._next_store_id
         self._next_store_id += 1

@@ -13,11 +13,13 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from ..config import LMCacheConfig
 from ..ops import PagedKV
+from ..stats import Counters
 from ..tiers.memory import MemoryPool
 from ..transfer import make_block_mover
 from .geometry import Geometry
@@ -37,6 +39,7 @@ class WorkerSide:
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
         self._failed_load_reqs: set[str] = set()
+        self.counters = Counters()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.paged = PagedKV.from_layer_views(kv_caches)
@@ -74,10 +77,14 @@ class WorkerSide:
                 if req_id in self._failed_load_reqs:
                     self._load_errors.update(spec.block_ids)
                     continue
+                started = time.perf_counter()
                 try:
                     self._load(spec.slot, spec.first_block, spec.block_ids)
+                    self.counters.add("loaded_bytes.memory", len(spec.block_ids) * self.paged.block_bytes)
+                    self.counters.add("load_seconds.memory", time.perf_counter() - started)
                 except Exception as exc:  # a failed load is a recompute, never a crash
                     logger.warning("Load of %d blocks for request %s failed: %s", len(spec.block_ids), req_id, exc)
+                    self.counters.add("failed_loads")
                     self._load_errors.update(spec.block_ids)
                     self._failed_load_reqs.add(req_id)
                     if spec.slot >= 0:
@@ -104,11 +111,15 @@ class WorkerSide:
                 if req_id in self._failed_load_reqs:
                     self._report.failed_stores.add(spec.store_id)
                     continue
+                started = time.perf_counter()
                 try:
                     self.mover.store(spec.block_ids, self.pool.slot(spec.slot, len(spec.block_ids)), spec.store_id)
                     self._slot_valid[spec.slot] = 1
+                    self.counters.add("stored_bytes.memory", len(spec.block_ids) * self.paged.block_bytes)
+                    self.counters.add("store_seconds.memory", time.perf_counter() - started)
                 except Exception as exc:  # a failed store is a future miss
                     logger.warning("Store into slot %d failed: %s", spec.slot, exc)
+                    self.counters.add("failed_stores.memory")
                     self._report.failed_stores.add(spec.store_id)
 
     def take_report(self) -> WorkerReport | None:
