@@ -120,6 +120,19 @@ class LMCacheConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMCacheConnectorStats:
         return build_stats(data)
 
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:  # a KVConnectorPromMetrics
+        """The ``lmcache_connector_*`` series on vLLM's ``/metrics`` (listed in :mod:`lmcache_connector.metrics`)."""
+        from ..metrics import build_prom_metrics
+
+        return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:
         half = self._scheduler or self._worker
         data = half.counters.take() if half is not None else {}
