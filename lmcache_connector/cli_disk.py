@@ -1,0 +1,228 @@
+"""``lmcache-connector disk stats|verify|clear``: look after a disk-tier folder offline.
+
+Plain functions over a folder, each returning a dataclass that the command prints as text or JSON.
+They read the folder only through :mod:`lmcache_connector.tiers.disk_format`, so what they call a
+chunk, a temporary file or someone else's file is exactly what the disk tier calls one:
+
+* *chunk files* — named ``<namespace16>-<rank>-<key>.lmc.safetensors``;
+* *temporary files* — ``*.lmc.tmp``: a write in progress, or one a crash left behind;
+* *other files* — anything else. They are counted and never opened, changed or removed.
+
+Everything here is safe while an engine uses the folder: a chunk removed under it is a miss for the
+engine, and a file that disappears during a scan (evicted) is skipped, not reported as damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from .tiers.disk_format import (
+    TMP_SUFFIX,
+    ChunkFileError,
+    ChunkHeader,
+    is_ours,
+    parse_file_name,
+    read_chunk_into,
+    read_header,
+)
+
+
+@dataclass
+class NamespaceSummary:
+    namespace: str  # the 16 hex digits in the file names
+    chunk_files: int = 0
+    bytes: int = 0
+    ranks: set[str] = field(default_factory=set)
+    description: dict | str = ""  # from a chunk header: model, dtype, chunk size...
+
+
+@dataclass
+class BadFile:
+    name: str
+    problem: str  # "corrupt" or "truncated"
+    reason: str
+    deleted: bool = False
+
+
+@dataclass
+class FolderStats:
+    folder: str
+    chunk_files: int = 0
+    chunk_bytes: int = 0
+    namespaces: dict[str, NamespaceSummary] = field(default_factory=dict)
+    temp_files: int = 0
+    temp_bytes: int = 0
+    unreadable: list[BadFile] = field(default_factory=list)  # header or size wrong (no bytes read)
+    other_files: int = 0
+    other_bytes: int = 0
+
+
+@dataclass
+class VerifyResult:
+    folder: str
+    checked: int = 0
+    intact: int = 0
+    intact_bytes: int = 0
+    bad: list[BadFile] = field(default_factory=list)
+    temp_files: int = 0  # not checked: they may still be written
+
+    @property
+    def remaining_bad(self) -> int:
+        return sum(not b.deleted for b in self.bad)
+
+
+@dataclass
+class _Entry:
+    name: str
+    path: str
+    size: int
+
+
+def _entries(folder: str) -> list[_Entry]:
+    entries = []
+    with os.scandir(folder) as it:
+        for item in it:
+            try:
+                size = item.stat(follow_symlinks=False).st_size if item.is_file(follow_symlinks=False) else 0
+            except FileNotFoundError:
+                continue  # removed while we looked (an eviction)
+            entries.append(_Entry(item.name, item.path, size))
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _is_chunk(name: str) -> bool:
+    return parse_file_name(name) is not None
+
+
+def _check_header(entry: _Entry) -> ChunkHeader:
+    """The file's header, checked against its own name (a renamed file must not pass as another chunk)."""
+    header, _, _ = read_header(entry.path)
+    namespace16, rank, key = parse_file_name(entry.name)
+    if (header.namespace[:16], header.rank, header.key) != (namespace16, rank, key):
+        raise ChunkFileError("its header names another chunk than its file name")
+    return header
+
+
+def _problem(exc: ChunkFileError) -> str:
+    text = str(exc)
+    return "truncated" if "truncated" in text or "end of file" in text else "corrupt"
+
+
+def _describe_namespace(info: str) -> dict | str:
+    try:
+        value = json.loads(info)
+    except ValueError:
+        return info
+    return value if isinstance(value, dict) else info
+
+
+# ---------------------------------------------------------------- stats
+
+
+def folder_stats(folder: str) -> FolderStats:
+    """Count what the folder holds, reading chunk headers but not chunk bytes."""
+    stats = FolderStats(folder)
+    for entry in _entries(folder):
+        if not is_ours(entry.name):
+            stats.other_files += 1
+            stats.other_bytes += entry.size
+        elif entry.name.endswith(TMP_SUFFIX):
+            stats.temp_files += 1
+            stats.temp_bytes += entry.size
+        else:
+            try:
+                header = _check_header(entry)
+            except ChunkFileError as exc:
+                if os.path.exists(entry.path):
+                    stats.unreadable.append(BadFile(entry.name, _problem(exc), str(exc)))
+                continue
+            stats.chunk_files += 1
+            stats.chunk_bytes += entry.size
+            ns = stats.namespaces.setdefault(entry.name[:16], NamespaceSummary(entry.name[:16]))
+            ns.chunk_files += 1
+            ns.bytes += entry.size
+            ns.ranks.add(header.rank)
+            if not ns.description and header.namespace_info:
+                ns.description = _describe_namespace(header.namespace_info)
+    return stats
+
+
+# ---------------------------------------------------------------- verify
+
+
+def verify_folder(folder: str, delete: bool = False) -> VerifyResult:
+    """Read every chunk file in full and check its header, size and checksum; optionally delete the bad ones."""
+    result = VerifyResult(folder)
+    buffer = bytearray()
+    for entry in _entries(folder):
+        if entry.name.endswith(TMP_SUFFIX) and is_ours(entry.name):
+            result.temp_files += 1
+            continue
+        if not _is_chunk(entry.name):
+            continue
+        result.checked += 1
+        try:
+            header = _check_header(entry)
+            if len(buffer) < header.nbytes:
+                buffer = bytearray(header.nbytes)  # one buffer, grown to the largest chunk
+            read_chunk_into(entry.path, None, _regions(buffer, header))
+        except ChunkFileError as exc:
+            if not os.path.exists(entry.path):
+                result.checked -= 1  # evicted while we read it: not damage
+                continue
+            bad = BadFile(entry.name, _problem(exc), str(exc))
+            if delete:
+                bad.deleted = _remove(entry.path)
+            result.bad.append(bad)
+            continue
+        result.intact += 1
+        result.intact_bytes += entry.size
+    return result
+
+
+def _regions(buffer: bytearray, header: ChunkHeader) -> list[memoryview]:
+    regions, blocks, row = header.shape
+    step = blocks * row
+    view = memoryview(buffer)
+    return [view[i * step : (i + 1) * step] for i in range(regions)]
+
+
+# ---------------------------------------------------------------- clear
+
+
+def files_to_clear(folder: str, namespace: str | None = None) -> list[_Entry]:
+    """This library's files in the folder (chunks and temporary files), optionally of one namespace.
+
+    ``namespace`` is a prefix of the 16 hex digits in the file names (the start-up log shows the
+    first 12).
+    """
+    return [e for e in _entries(folder) if is_ours(e.name) and (not namespace or e.name.startswith(namespace))]
+
+
+def remove_files(entries: list[_Entry]) -> tuple[int, int, list[str]]:
+    """Remove the files; return how many and how many bytes went, and the errors of those that did not."""
+    removed = removed_bytes = 0
+    errors = []
+    for entry in entries:
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # already gone (evicted)
+        except OSError as exc:
+            errors.append(f"{entry.path}: {exc.strerror}")
+            continue
+        removed += 1
+        removed_bytes += entry.size
+    return removed, removed_bytes, errors
+
+
+def _remove(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
