@@ -65,6 +65,8 @@ class LMCacheConfig:
     log_level: str = "INFO"
     model_name: str | None = None
     load_failure_policy: str = "recompute"
+    disk_flush_timeout_secs: float = 10.0
+    disk_rescan_interval_secs: float = 10.0
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -244,6 +246,12 @@ SETTINGS: dict[str, _Setting] = {
     "load_failure_policy": _Setting(
         _choice("recompute", "fail"), "What vLLM does when a load fails: recompute the blocks, or fail the request."
     ),
+    "disk_flush_timeout_secs": _Setting(
+        _parse_seconds, "At shutdown, how long queued disk writes may take before they are dropped."
+    ),
+    "disk_rescan_interval_secs": _Setting(
+        _parse_seconds, "How often the disk folder is rescanned for chunks other engines wrote or evicted."
+    ),
 }
 
 
@@ -328,6 +336,11 @@ def _read_yaml(path: str, problems: list[str]) -> dict[str, Any]:
 
 def _cross_checks(config: LMCacheConfig) -> list[str]:
     problems = []
+    if config.local_disk and not (config.local_cpu and config.max_local_cpu_size > 0):
+        problems.append(
+            f"LMCACHE_LOCAL_DISK={config.local_disk!r} needs the CPU-memory tier as its staging area: "
+            "set LMCACHE_LOCAL_CPU=True and LMCACHE_MAX_LOCAL_CPU_SIZE greater than 0"
+        )
     if config.local_disk and config.max_local_disk_size <= 0:
         problems.append(
             f"LMCACHE_LOCAL_DISK={config.local_disk!r} needs LMCACHE_MAX_LOCAL_DISK_SIZE: "

@@ -90,25 +90,33 @@ class ChunkIndex:
     def get(self, key: bytes) -> ChunkEntry | None:
         return self._entries.get(key)
 
+    def evictable_slots(self) -> int:
+        """Slots a new chunk could get now: free ones plus those of unpinned READY chunks."""
+        return len(self._free_slots) + sum(
+            1 for e in self._entries.values() if e.state is ChunkState.READY and e.pins == 0
+        )
+
     def lookup(self, fps: list[bytes]) -> list[ChunkPiece]:
         """Pieces covering the longest prefix of ``fps`` (block fingerprints) held by READY chunks."""
         bpc = self.blocks_per_chunk
         pieces: list[ChunkPiece] = []
         for chunk in range((len(fps) + bpc - 1) // bpc):
             block_fps = fps[chunk * bpc : (chunk + 1) * bpc]
-            piece = self._best_piece(chunk, block_fps)
-            if piece is None:
+            best = self.best_piece(block_fps)
+            if best is None:
                 break
+            piece = ChunkPiece(chunk, *best)
             pieces.append(piece)
             if piece.num_blocks < len(block_fps):
                 break
         return pieces
 
-    def _best_piece(self, chunk: int, block_fps: list[bytes]) -> ChunkPiece | None:
+    def best_piece(self, block_fps: list[bytes]) -> tuple[ChunkEntry, int] | None:
+        """The loadable chunk covering the most leading blocks of ``block_fps`` (one chunk's blocks)."""
         for n in range(len(block_fps), 0, -1):
             for entry in self._by_block.get(block_fps[n - 1], ()):
                 if entry.state in _LOADABLE:
-                    return ChunkPiece(chunk, entry, n)
+                    return entry, n
         return None
 
     @property

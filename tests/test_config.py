@@ -27,7 +27,7 @@ def test_booleans_accept_lmcache_forms(raw, expected):
 def test_every_documented_variable_is_read_from_the_environment():
     env = {
         "LMCACHE_CHUNK_SIZE": "512",
-        "LMCACHE_LOCAL_CPU": "False",
+        "LMCACHE_LOCAL_CPU": "True",
         "LMCACHE_MAX_LOCAL_CPU_SIZE": "2.5",
         "LMCACHE_LOCAL_DISK": "file:///tmp/lmcache/",
         "LMCACHE_MAX_LOCAL_DISK_SIZE": "10.0",
@@ -42,13 +42,14 @@ def test_every_documented_variable_is_read_from_the_environment():
         "LMCACHE_MODEL_NAME": "meta-llama/Llama-3-8B",
     }
     config = load_config(env=env)
-    assert config.chunk_size == 512 and config.local_cpu is False and config.max_local_cpu_size == 2.5
+    assert config.chunk_size == 512 and config.local_cpu is True and config.max_local_cpu_size == 2.5
     assert config.local_disk == "/tmp/lmcache" and config.max_local_disk_size == 10.0
     assert config.remote_url == "redis://cache:6379" and config.enable_p2p is True
     assert config.lookup_url == "redis://cache:6379" and config.distributed_url == "10.0.0.5:8200"
     assert config.save_unfull_chunk is False and config.blocking_timeout_secs == 3.0
     assert config.log_level == "DEBUG" and config.model_name == "meta-llama/Llama-3-8B"
-    assert config.max_local_cpu_bytes == 0  # local_cpu off
+    assert config.max_local_cpu_bytes == int(2.5 * 1024**3)
+    assert load_config(env={"LMCACHE_LOCAL_CPU": "0"}).max_local_cpu_bytes == 0  # the memory tier off
     assert config.unavailable_tiers()  # remote and P2P are parsed but not served in this version
 
 
@@ -104,6 +105,11 @@ def test_all_problems_are_reported_at_once():
 def test_disk_path_without_size_is_an_error_not_a_silently_disabled_tier():
     with pytest.raises(ConfigError, match="LMCACHE_MAX_LOCAL_DISK_SIZE"):
         load_config(env={"LMCACHE_LOCAL_DISK": "/var/cache/lmcache"})
+
+
+def test_disk_tier_needs_the_memory_tier_as_staging():
+    with pytest.raises(ConfigError, match="LMCACHE_LOCAL_CPU=True"):
+        load_config(env={"LMCACHE_LOCAL_DISK": "/d", "LMCACHE_MAX_LOCAL_DISK_SIZE": "1", "LMCACHE_LOCAL_CPU": "false"})
 
 
 def test_p2p_needs_lookup_and_distributed_urls():

@@ -101,12 +101,6 @@ class LMCacheConnector(KVConnectorBase_V1):
         )
         for tier in self.config.unavailable_tiers():
             logger.warning("lmcache_connector: %s is not available in this version; running without it", tier)
-        if self.config.local_disk:
-            logger.warning(
-                "lmcache_connector: the disk tier (LMCACHE_LOCAL_DISK=%s) is not available in this version; "
-                "running without it",
-                self.config.local_disk,
-            )
         if g.num_slots == 0:
             logger.warning("lmcache_connector: the memory tier holds no chunk (LMCACHE_MAX_LOCAL_CPU_SIZE too small)")
 
@@ -240,3 +234,5 @@ class LMCacheConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()

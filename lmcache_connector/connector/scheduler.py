@@ -1,17 +1,20 @@
-"""The scheduler-side half: looks prompts up in the index and plans each step's loads and stores.
+"""The scheduler-side half: looks prompts up in the tiers and plans each step's loads and stores.
 
 Per request it keeps the prompt's block fingerprints and the vLLM block ids it was given. Each step:
 
-* ``get_num_new_matched_tokens`` — the longest stored prefix at vLLM-block granularity, less what
-  vLLM already has locally; at most ``num_tokens - 1`` so one token is left to compute.
+* ``get_num_new_matched_tokens`` — the longest stored prefix at vLLM-block granularity (memory
+  tier, then disk tier), less what vLLM already has locally; at most ``num_tokens - 1`` so one token
+  is left to compute.
 * ``update_state_after_alloc`` — turns that hit into load specs (slot ranges -> block ids) and pins
-  the chunks they read.
+  the chunks they read. A chunk found only on disk gets a memory slot and is read into it first
+  (a promotion), so the next hit is served from memory.
 * ``build_connector_meta`` — emits the loads, and a store for every chunk of prompt blocks that
-  this step completes and the index does not hold yet (the final partial chunk too, unless
-  ``save_unfull_chunk`` is off).
+  this step completes and the memory tier does not hold yet (the final partial chunk too, unless
+  ``save_unfull_chunk`` is off). With a disk tier, each new chunk is also written to disk in the
+  background; its memory slot stays pinned until the file is written.
 * ``update_connector_output`` — applies the workers' reports: stores confirmed by every worker
   become READY, failed ones free their slot, load steps unpin their chunks, chunks that failed to
-  load are forgotten.
+  load are forgotten, written files enter the disk catalog, evicted or bad ones leave it.
 
 Only the prompt is cached (as LMCache does by default): decode tokens vary from request to request.
 """
@@ -24,11 +27,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import LMCacheConfig
-from ..index import ChunkIndex, ChunkPiece
+from ..disk_catalog import DiskCatalog
+from ..index import ChunkIndex, ChunkState
 from ..keys import MultimodalItem, block_fingerprints, request_root
 from ..stats import Counters
+from ..tiers.disk_format import rank_tag
 from .geometry import Geometry
-from .metadata import LoadSpec, StepPlan, StoreSpec, WorkerReport
+from .lookup import Piece, find_pieces
+from .metadata import DiskRead, DiskWrite, LoadSpec, StepPlan, StoreSpec, WorkerReport
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -49,7 +55,7 @@ class _RequestState:
     fps: list[bytes]  # one per whole prompt block
     cacheable: bool
     block_ids: list[int] = field(default_factory=list)
-    lookup: list[ChunkPiece] = field(default_factory=list)
+    lookup: list[Piece] = field(default_factory=list)
     lookup_local_tokens: int = 0
     hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # the last load's tokens per tier
     pending_loads: list[LoadSpec] = field(default_factory=list)
@@ -64,6 +70,8 @@ class SchedulerStats:
     hit_tokens: int = 0
     stored_chunks: int = 0
     resumed_requests: int = 0  # preempted requests scheduled again
+    disk_hit_tokens: int = 0
+    disk_written_chunks: int = 0
 
 
 class SchedulerSide:
@@ -83,16 +91,42 @@ class SchedulerSide:
         self._store_reports: Counter = Counter()
         self._load_pins: dict[int, list[tuple[str, bytes]]] = {}  # step -> (request, chunk) its loads read
         self._load_reports: Counter = Counter()
+        self._inflight_disk: dict[int, tuple[bytes, tuple[bytes, ...]]] = {}  # store id -> chunk being written
+        self._disk_reports: Counter = Counter()
+        self.disk: DiskCatalog | None = self._open_disk()
+        self._disk_writes = self.disk is not None
+
+    def _open_disk(self) -> DiskCatalog | None:
+        if not self.config.local_disk:
+            return None
+        ns = self.geometry.namespace
+        tags = [rank_tag(tp, pp) for tp in range(ns.tp_size) for pp in range(ns.pp_size)]
+        try:
+            catalog = DiskCatalog(
+                self.config.local_disk, self.namespace_digest.hex(), tags, self.config.disk_rescan_interval_secs
+            )
+        except OSError as exc:
+            logger.warning(
+                "lmcache_connector: disk tier %s unusable (%s); running without it", self.config.local_disk, exc
+            )
+            return None
+        self.counters.set_gauge("capacity_bytes.disk", self.config.max_local_disk_bytes)
+        logger.info(
+            "lmcache_connector: disk tier %s holds %d chunks of this model", self.config.local_disk, len(catalog)
+        )
+        return catalog
 
     # ------------------------------------------------------------ lookup
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.disk is not None:
+            self.disk.poll()  # chunks other engines wrote since the last step
         state = self._state_for(request)
-        if not state.cacheable or not len(self.index):
+        if not state.cacheable or not (len(self.index) or (self.disk is not None and len(self.disk))):
             state.lookup = []
             return 0, False
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
-        pieces = self.index.lookup(state.fps)
+        pieces = find_pieces(state.fps, bpc, self.index, self.disk)
         hit_blocks = pieces[-1].chunk * bpc + pieces[-1].num_blocks if pieces else 0
         hit_tokens = min(hit_blocks * bs, request.num_tokens - 1)
         state.lookup = pieces
@@ -136,32 +170,62 @@ class SchedulerSide:
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
         block_ids = blocks.get_block_ids()[0]
         first = state.lookup_local_tokens // bs
-        end = -(-(state.lookup_local_tokens + num_external_tokens) // bs)
+        end_token = state.lookup_local_tokens + num_external_tokens
+        end = -(-end_token // bs)
         covered = first
         for piece in state.lookup:
             lo = max(first, piece.chunk * bpc)
             hi = min(end, piece.chunk * bpc + piece.num_blocks)
             if lo >= hi:
                 continue
-            if lo != covered or self.index.get(piece.entry.key) is not piece.entry:
+            if lo != covered:
                 break
-            state.pending_loads.append(LoadSpec(piece.entry.slot, lo - piece.chunk * bpc, block_ids[lo:hi]))
+            spec = self._load_spec(piece, lo - piece.chunk * bpc, block_ids[lo:hi])
+            if spec is None:
+                break
+            state.pending_loads.append(spec)
             state.pending_pins.append(piece.entry.key)
-            tokens = min(hi * bs, state.lookup_local_tokens + num_external_tokens) - max(lo * bs, first * bs)
-            state.hit_tokens_by_tier["memory"] = state.hit_tokens_by_tier.get("memory", 0) + tokens
+            self.index.pin([piece.entry.key])
+            tokens = min(hi * bs, end_token) - lo * bs
+            state.hit_tokens_by_tier[piece.tier] = state.hit_tokens_by_tier.get(piece.tier, 0) + tokens
             covered = hi
         if covered < end:
             logger.warning(
                 "Request %s: stored chunks no longer cover the promised hit; recomputing", request.request_id
             )
             state.pending_loads.append(LoadSpec(FAILED_SLOT, 0, block_ids[covered:end]))
-        self.index.pin(state.pending_pins)
-        for key in state.pending_pins:
-            self.index.touch(key)
         self.stats.hit_tokens += num_external_tokens
         self.counters.add("hit_tokens", num_external_tokens)
         for tier, tokens in state.hit_tokens_by_tier.items():
             self.counters.add(f"hit_tokens.{tier}", tokens)
+        self.stats.disk_hit_tokens += state.hit_tokens_by_tier.get("disk", 0)
+
+    def _load_spec(self, piece: Piece, first_block: int, block_ids: list[int]) -> LoadSpec | None:
+        key = piece.entry.key
+        if self.disk is not None and key in self.disk:
+            self.disk.touch(key)  # recency on disk follows use, in memory or not
+        in_memory = self.index.get(key)
+        if piece.tier == "memory" or in_memory is not None:
+            # (A disk chunk another request of this step already promoted is read from its slot.)
+            if in_memory is None or in_memory.state is ChunkState.DOOMED:
+                return None
+            if piece.tier == "memory" and in_memory is not piece.entry:
+                return None
+            self.index.touch(key)
+            return LoadSpec(in_memory.slot, first_block, block_ids)
+        # A promotion: stage the chunk from its file into a memory slot, then load from there.
+        slot = self.index.prepare_store(key, piece.entry.block_fps)
+        if slot is None:
+            return None
+        store_id = self._new_store_id(key)
+        read = DiskRead(key.hex(), [fp.hex() for fp in piece.entry.block_fps], store_id)
+        return LoadSpec(slot, first_block, block_ids, disk=read)
+
+    def _new_store_id(self, key: bytes) -> int:
+        store_id = self._next_store_id
+        self._next_store_id += 1
+        self._inflight_stores[store_id] = key
+        return store_id
 
     def hit_tokens_by_tier(self, request: Request) -> dict[str, int]:
         """Tokens of the request's planned load, per tier that supplies them (for vLLM's hit sources)."""
@@ -176,6 +240,8 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepPlan:
         self._step += 1
+        if self.disk is not None:
+            self.disk.poll()
         plan = StepPlan(step=self._step)
         step_pins: list[tuple[str, bytes]] = []
         scheduled = scheduler_output.num_scheduled_tokens
@@ -205,6 +271,7 @@ class SchedulerSide:
         # Loads planned for requests that were not scheduled after all must not keep their pins.
         for state in self._requests.values():
             if state.pending_loads:
+                self._fail_unsent_promotions(state)
                 self._release_pending(state)
 
         if plan.loads:
@@ -212,12 +279,21 @@ class SchedulerSide:
         self._update_gauges()
         return plan
 
+    def _fail_unsent_promotions(self, state: _RequestState) -> None:
+        for spec in state.pending_loads:
+            if spec.disk is not None:
+                key = self._inflight_stores.pop(spec.disk.store_id, None)
+                if key is not None:
+                    self.index.complete_store(key, ok=False)
+
     def _update_gauges(self) -> None:
         evictions = self.index.stats.evictions
         if evictions != self._evictions_seen:
             self.counters.add("evictions.memory", evictions - self._evictions_seen)
             self._evictions_seen = evictions
         self.counters.set_gauge("usage_bytes.memory", self.index.stored_bytes)
+        if self.disk is not None:
+            self.counters.set_gauge("usage_bytes.disk", self.disk.used_bytes)
 
     def _plan(
         self, plan: StepPlan, step_pins: list[tuple[str, bytes]], state: _RequestState, computed_after: int
@@ -250,12 +326,14 @@ class SchedulerSide:
         if slot is None:
             self.counters.add("dropped_stores")
             return
-        store_id = self._next_store_id
-        self._next_store_id += 1
-        self._inflight_stores[store_id] = key
-        plan.stores.setdefault(state.req_id, []).append(
-            StoreSpec(store_id, slot, state.block_ids[start : start + count])
-        )
+        store_id = self._new_store_id(key)
+        spec = StoreSpec(store_id, slot, state.block_ids[start : start + count])
+        if self._disk_writes and key not in self.disk:
+            # The background writer reads the slot: keep the chunk pinned until the file is written.
+            spec.disk = DiskWrite(key.hex(), [fp.hex() for fp in block_fps])
+            self.index.pin([key])
+            self._inflight_disk[store_id] = (key, block_fps)
+        plan.stores.setdefault(state.req_id, []).append(spec)
 
     # ------------------------------------------------------------ worker reports
 
@@ -284,6 +362,31 @@ class SchedulerSide:
                 if report.failed_load_slots:
                     self._discard_failed(pins, report.failed_load_slots)
                 self.index.unpin([key for _, key in pins])
+        self._apply_disk_report(report)
+
+    def _apply_disk_report(self, report: WorkerReport) -> None:
+        if report.disk_disabled and self._disk_writes:
+            self._disk_writes = False  # the worker logged why; loads from disk go on
+        for store_id in report.disk_failed:
+            written = self._inflight_disk.pop(store_id, None)
+            self._disk_reports.pop(store_id, None)
+            if written is not None:
+                self.index.unpin([written[0]])
+        for store_id, count in report.disk_written.items():
+            if store_id not in self._inflight_disk:
+                continue
+            self._disk_reports[store_id] += count
+            if self._disk_reports[store_id] >= self.geometry.world_size:
+                del self._disk_reports[store_id]
+                key, block_fps = self._inflight_disk.pop(store_id)
+                self.index.unpin([key])
+                if self.disk is not None:
+                    nbytes = len(block_fps) * self.geometry.block_bytes * self.geometry.world_size
+                    self.disk.add(key, block_fps, nbytes)
+                    self.stats.disk_written_chunks += 1
+        if self.disk is not None:
+            for key in report.disk_gone:
+                self.disk.remove(key)
 
     def _discard_failed(self, pins: list[tuple[str, bytes]], slots: set[int]) -> None:
         for req_id, key in pins:
@@ -303,13 +406,18 @@ class SchedulerSide:
     def request_finished(self, request: Request) -> None:
         state = self._requests.pop(request.request_id, None)
         if state is not None:
+            self._fail_unsent_promotions(state)
             self._release_pending(state)
 
     def reset_cache(self) -> bool:
         self.index.clear()
         return True
 
+    def shutdown(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
     @property
     def inflight(self) -> int:
-        """Stores and load steps still waiting for worker reports (0 when idle: nothing leaked)."""
-        return len(self._inflight_stores) + len(self._load_pins)
+        """Stores, disk writes and load steps still waiting for worker reports (0 when idle)."""
+        return len(self._inflight_stores) + len(self._load_pins) + len(self._inflight_disk)

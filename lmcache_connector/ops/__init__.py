@@ -24,9 +24,7 @@ def check_block_ids(paged: PagedKV, block_ids: list[int], chunk: torch.Tensor) -
     if chunk.dtype != torch.uint8 or chunk.dim() != 3:
         raise ValueError("chunk buffer must be a [regions, blocks, row_bytes] uint8 tensor")
     if tuple(chunk.shape) != paged.chunk_shape(len(block_ids)):
-        raise ValueError(
-            f"chunk buffer shape {tuple(chunk.shape)} does not match {paged.chunk_shape(len(block_ids))}"
-        )
+        raise ValueError(f"chunk buffer shape {tuple(chunk.shape)} does not match {paged.chunk_shape(len(block_ids))}")
     if chunk.stride(2) != 1 or chunk.stride(1) != paged.row_bytes:
         raise ValueError("chunk buffer rows must be dense (stride(1) == row_bytes, stride(2) == 1)")
     if block_ids and (min(block_ids) < 0 or max(block_ids) >= paged.num_blocks):

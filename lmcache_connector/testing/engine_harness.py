@@ -38,10 +38,19 @@ class EngineError(RuntimeError):
 class EngineProcess:
     """Start with ``EngineProcess(llm_kwargs, env)``; call methods; ``close()`` (or use ``with``)."""
 
-    def __init__(self, llm_kwargs: dict[str, Any], env: dict[str, str] | None = None, start_timeout: float = 300):
+    def __init__(
+        self,
+        llm_kwargs: dict[str, Any],
+        env: dict[str, str] | None = None,
+        start_timeout: float = 300,
+        file_size_limit: int | None = None,
+    ):
+        """``file_size_limit`` caps the size of any file the engine writes (RLIMIT_FSIZE): a real
+        kernel-enforced write failure, as a full disk gives."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child_conn, llm_kwargs, {**CPU_ENGINE_ENV, **(env or {})}))
+        child_env = {**CPU_ENGINE_ENV, **(env or {})}
+        self._proc = ctx.Process(target=_serve, args=(child_conn, llm_kwargs, child_env, file_size_limit))
         self._proc.start()
         child_conn.close()
         self.start_seconds = self._receive(start_timeout)["start_seconds"]
@@ -64,6 +73,10 @@ class EngineProcess:
         if not ok:
             raise EngineError(value)
         return value
+
+    def send(self, command: str, **kwargs: Any) -> None:
+        """Start a command without waiting for its answer (e.g. to kill the engine in the middle of it)."""
+        self._conn.send((command, kwargs))
 
     def generate(self, prompts: list[list[int]], max_tokens: int = 8, logprobs: int | None = None) -> list[dict]:
         return self.call("generate", prompts=prompts, max_tokens=max_tokens, logprobs=logprobs)
@@ -96,8 +109,14 @@ class EngineProcess:
 # ---------------------------------------------------------------- the child
 
 
-def _serve(conn, llm_kwargs: dict[str, Any], env: dict[str, str]) -> None:
+def _serve(conn, llm_kwargs: dict[str, Any], env: dict[str, str], file_size_limit: int | None = None) -> None:
     os.environ.update(env)
+    if file_size_limit is not None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
     try:
         started = time.monotonic()
         llm = _make_llm(llm_kwargs)
@@ -176,11 +195,20 @@ class _Handlers:
 
         return get_kv_transfer_group()
 
-    def connector_state(self) -> dict[str, Any]:
+    def connector_state(self, settle: bool = True) -> dict[str, Any]:
+        """The connector's bookkeeping. With ``settle``, background disk writes finish first and one
+        tiny request (shorter than a block: it stores nothing) lets the workers report them, as the
+        next real request would."""
         import resource
+
+        from vllm import SamplingParams
 
         sched = self._scheduler_connector()._scheduler
         worker = self._worker_connector()._worker
+        if settle:
+            if worker.disk is not None:
+                worker.disk.flush(30)
+            self.llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=1), use_tqdm=False)
         index = sched.index
         return {
             "num_slots": index.num_slots,
@@ -196,6 +224,9 @@ class _Handlers:
             "pool_bytes": worker.pool.nbytes,
             "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "stats": vars(sched.stats),
+            "pinned_chunks": [(e.key.hex()[:8], e.state.value, e.pins) for e in index._entries.values() if e.pins],
+            "disk_chunks": len(sched.disk) if sched.disk is not None else None,
+            "disk_writes_enabled": sched._disk_writes,
         }
 
     def fingerprints(self, prompt: list[int]) -> dict[str, Any]:

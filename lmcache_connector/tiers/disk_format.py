@@ -43,6 +43,14 @@ class ChunkFileError(Exception):
     """A chunk file that must not be loaded: missing, truncated, corrupt, foreign or not ours."""
 
 
+class MissingChunkError(ChunkFileError):
+    """The file is not there (never written, or evicted by another engine): a plain miss."""
+
+
+class ForeignChunkError(ChunkFileError):
+    """A well-formed file of another format version: not ours to read, not ours to delete."""
+
+
 @dataclass(frozen=True)
 class ChunkHeader:
     key: str  # hex fingerprint of the chunk's last block
@@ -124,25 +132,59 @@ def write_chunk(folder: str, header: ChunkHeader, regions: Sequence[memoryview],
     """Write one chunk atomically; return the file's size. Raises ``OSError`` (e.g. ENOSPC)."""
     header = _with_checksum(header, regions)
     encoded = encode_header(header)
+    pending = reserve_temp(folder, header, len(encoded) + header.nbytes)
+    commit(pending, encoded, regions, fsync)
+    return len(encoded) + header.nbytes
+
+
+@dataclass
+class PendingWrite:
+    """A temporary file reserved at its final size (so every process counting the folder sees it)."""
+
+    fd: int
+    temp: str
+    final: str
+
+
+def reserve_temp(folder: str, header: ChunkHeader, size: int) -> PendingWrite:
     final = os.path.join(folder, header.file_name)
     temp = f"{final[: -len(SUFFIX)]}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        _write_all(fd, [memoryview(encoded), *regions])
-        if fsync:
-            os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.rename(temp, final)
+        os.posix_fallocate(fd, 0, size)
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
+        os.close(fd)
+        _unlink_quietly(temp)
         raise
-    return len(encoded) + header.nbytes
+    return PendingWrite(fd, temp, final)
+
+
+def commit(pending: PendingWrite, encoded_header: bytes, regions: Sequence[memoryview], fsync: bool = True) -> None:
+    """Write the header and bytes into the reserved file, then rename it into place."""
+    try:
+        _write_all(pending.fd, [memoryview(encoded_header), *regions])
+        if fsync:
+            os.fsync(pending.fd)
+        os.close(pending.fd)
+        pending.fd = -1
+        os.rename(pending.temp, pending.final)
+    except BaseException:
+        abandon(pending)
+        raise
+
+
+def abandon(pending: PendingWrite) -> None:
+    if pending.fd >= 0:
+        os.close(pending.fd)
+        pending.fd = -1
+    _unlink_quietly(pending.temp)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _with_checksum(header: ChunkHeader, regions: Sequence[memoryview]) -> ChunkHeader:
@@ -184,7 +226,7 @@ def read_header(path: str) -> tuple[ChunkHeader, int, int]:
                 raise ChunkFileError("header length out of range")
             raw = f.read(length)
     except OSError as exc:
-        raise ChunkFileError(f"cannot read: {exc.strerror}") from exc
+        raise MissingChunkError(f"cannot read: {exc.strerror}") from exc
     header = decode_header(raw)
     if size != 8 + length + header.nbytes:
         raise ChunkFileError(f"size {size} does not match its header ({8 + length + header.nbytes}): truncated")
@@ -199,7 +241,7 @@ def decode_header(raw: bytes) -> ChunkHeader:
         if meta.get("format") != FORMAT:
             raise ChunkFileError("not a lmcache_connector chunk")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ChunkFileError(f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+            raise ForeignChunkError(f"format version {meta.get('format_version')} is not {FORMAT_VERSION}")
         shape = tuple(int(x) for x in tensor["shape"])
         if tensor["dtype"] != "U8" or len(shape) != 3 or tensor["data_offsets"] != [0, shape[0] * shape[1] * shape[2]]:
             raise ChunkFileError("unexpected tensor description")
@@ -236,7 +278,7 @@ def read_chunk_into(path: str, expect: ChunkHeader | None, regions: Sequence[mem
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise ChunkFileError(f"cannot open: {exc.strerror}") from exc
+        raise MissingChunkError(f"cannot open: {exc.strerror}") from exc
     try:
         _read_all(fd, [r.cast("B") if r.format != "B" else r for r in regions], offset)
     finally:
