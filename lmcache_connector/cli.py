@@ -5,10 +5,10 @@
   container or a CI job can check a deployment before it starts;
 * ``disk stats|verify|clear`` inspect and clean a disk-tier folder offline (:mod:`.cli_disk`).
 
-It works without vLLM, torch or a GPU: it imports only the configuration loader and the disk file
-format. Exit codes: 0 all good; 1 a check found a problem (damaged chunk files left in place, a
-removal refused or failed); 2 invalid configuration or command line (bad setting, missing folder,
-``--yes`` needed).
+It works without vLLM, torch or a GPU: it imports only the configuration loader and the disk
+tier's file format (and its lock-file name). Exit codes: 0 all good; 1 a check found a problem
+(damaged chunk files left in place, a removal refused or failed); 2 invalid configuration or
+command line (bad setting, missing folder, ``--yes`` needed).
 """
 
 from __future__ import annotations
@@ -215,6 +215,8 @@ def cmd_disk_stats(args: argparse.Namespace) -> int:
             "temp_files": stats.temp_files,
             "temp_bytes": stats.temp_bytes,
             "unreadable_files": [vars(b) for b in stats.unreadable],
+            "other_version_files": stats.other_version_files,
+            "other_version_bytes": stats.other_version_bytes,
             "other_files": stats.other_files,
             "other_bytes": stats.other_bytes,
         }
@@ -231,6 +233,11 @@ def cmd_disk_stats(args: argparse.Namespace) -> int:
         print(f"unreadable chunk files: {len(stats.unreadable)} (header or size wrong; see `disk verify`)")
         for bad in stats.unreadable:
             print(f"  {bad.problem:9}  {bad.name}: {bad.reason}")
+    if stats.other_version_files:
+        print(
+            f"chunk files of another format version: {stats.other_version_files} "
+            f"({_human(stats.other_version_bytes)}): not read by this version"
+        )
     print(f"other files: {stats.other_files} ({_human(stats.other_bytes)}): not this library's, never touched")
     return OK
 
@@ -259,6 +266,8 @@ def cmd_disk_verify(args: argparse.Namespace) -> int:
             print(f"  {bad.problem:9}  {bad.name}: {bad.reason}{note}")
         if result.temp_files:
             print(f"not checked: {result.temp_files} temporary files (writes in progress or left by a crash)")
+        if result.other_version_files:
+            print(f"not checked: {result.other_version_files} chunk files of another format version")
         if result.remaining_bad and not args.delete:
             print("an engine treats damaged files as misses; `--delete` removes them")
     return FOUND_PROBLEMS if result.remaining_bad else OK

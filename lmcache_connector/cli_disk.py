@@ -6,7 +6,13 @@ chunk, a temporary file or someone else's file is exactly what the disk tier cal
 
 * *chunk files* — named ``<namespace16>-<rank>-<key>.lmc.safetensors``;
 * *temporary files* — ``*.lmc.tmp``: a write in progress, or one a crash left behind;
+* the disk tier's lock file (``.lmc.lock``) — skipped, and never removed: an engine that holds it
+  would lose its mutual exclusion with the others sharing the folder;
 * *other files* — anything else. They are counted and never opened, changed or removed.
+
+A chunk file written by another format version of this library is neither damaged nor readable
+here: ``stats`` and ``verify`` count it apart and ``verify --delete`` leaves it (an engine of that
+version may share the folder); ``clear``, asked to empty the cache, removes it like any chunk.
 
 Everything here is safe while an engine uses the folder: a chunk removed under it is a miss for the
 engine, and a file that disappears during a scan (evicted) is skipped, not reported as damaged.
@@ -18,10 +24,12 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .tiers.disk import LOCK_NAME  # the disk tier's writer module; imports nothing beyond the stdlib
 from .tiers.disk_format import (
     TMP_SUFFIX,
     ChunkFileError,
     ChunkHeader,
+    ForeignChunkError,
     is_ours,
     parse_file_name,
     read_chunk_into,
@@ -55,6 +63,8 @@ class FolderStats:
     temp_files: int = 0
     temp_bytes: int = 0
     unreadable: list[BadFile] = field(default_factory=list)  # header or size wrong (no bytes read)
+    other_version_files: int = 0
+    other_version_bytes: int = 0
     other_files: int = 0
     other_bytes: int = 0
 
@@ -66,6 +76,7 @@ class VerifyResult:
     intact: int = 0
     intact_bytes: int = 0
     bad: list[BadFile] = field(default_factory=list)
+    other_version_files: int = 0  # not checked: another version of this library reads them
     temp_files: int = 0  # not checked: they may still be written
 
     @property
@@ -125,6 +136,8 @@ def folder_stats(folder: str) -> FolderStats:
     """Count what the folder holds, reading chunk headers but not chunk bytes."""
     stats = FolderStats(folder)
     for entry in _entries(folder):
+        if entry.name == LOCK_NAME:
+            continue
         if not is_ours(entry.name):
             stats.other_files += 1
             stats.other_bytes += entry.size
@@ -134,6 +147,10 @@ def folder_stats(folder: str) -> FolderStats:
         else:
             try:
                 header = _check_header(entry)
+            except ForeignChunkError:
+                stats.other_version_files += 1
+                stats.other_version_bytes += entry.size
+                continue
             except ChunkFileError as exc:
                 if os.path.exists(entry.path):
                     stats.unreadable.append(BadFile(entry.name, _problem(exc), str(exc)))
@@ -162,21 +179,24 @@ def verify_folder(folder: str, delete: bool = False) -> VerifyResult:
             continue
         if not _is_chunk(entry.name):
             continue
-        result.checked += 1
         try:
             header = _check_header(entry)
             if len(buffer) < header.nbytes:
                 buffer = bytearray(header.nbytes)  # one buffer, grown to the largest chunk
             read_chunk_into(entry.path, None, _regions(buffer, header))
+        except ForeignChunkError:
+            result.other_version_files += 1
+            continue
         except ChunkFileError as exc:
             if not os.path.exists(entry.path):
-                result.checked -= 1  # evicted while we read it: not damage
-                continue
+                continue  # evicted while we read it: not damage
+            result.checked += 1
             bad = BadFile(entry.name, _problem(exc), str(exc))
             if delete:
                 bad.deleted = _remove(entry.path)
             result.bad.append(bad)
             continue
+        result.checked += 1
         result.intact += 1
         result.intact_bytes += entry.size
     return result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lmcache_connector.tiers import disk_format
 from lmcache_connector.tiers.disk_format import ChunkHeader, write_chunk
 
 SCRIPT = Path(sys.executable).with_name("lmcache-connector")
@@ -171,9 +172,9 @@ FOREIGN = ["notes.txt", "model.safetensors", "backup.lmc.safetensors", "subfolde
 
 
 @pytest.fixture
-def cache_folder(tmp_path) -> dict:
-    """A disk-tier folder: healthy chunks of two namespaces, one corrupt, one truncated, a temporary
-    file, and files that are not ours (one named like a chunk)."""
+def cache_folder(tmp_path, monkeypatch) -> dict:
+    """A disk-tier folder: healthy chunks of two namespaces, one corrupt, one truncated, one written
+    by another format version, a temporary file, and files that are not ours (one named like a chunk)."""
     folder = tmp_path / "cache"
     folder.mkdir()
     good = [_chunk(folder, NS_A, i) for i in range(3)] + [_chunk(folder, NS_B, 9, rank="tp1pp0")]
@@ -183,13 +184,24 @@ def cache_folder(tmp_path) -> dict:
     corrupt.write_bytes(bytes(data))
     truncated = _chunk(folder, NS_A, 11)
     os.truncate(truncated, truncated.stat().st_size - 300)
+    with monkeypatch.context() as patch:
+        patch.setattr(disk_format, "FORMAT_VERSION", "99")
+        other_version = _chunk(folder, NS_A, 13)
     temp = folder / f"{NS_A[:16]}-tp0pp0-{12:032x}.4242.deadbeef.lmc.tmp"
     temp.write_bytes(b"partial")
     (folder / "notes.txt").write_text("keep me")
     (folder / "model.safetensors").write_bytes(b"\0" * 64)
     (folder / "backup.lmc.safetensors").write_bytes(b"not a chunk name")
     (folder / "subfolder").mkdir()
-    return {"folder": folder, "good": good, "corrupt": corrupt, "truncated": truncated, "temp": temp}
+    (folder / ".lmc.lock").touch()  # the disk tier's writers lock the folder with it
+    return {
+        "folder": folder,
+        "good": good,
+        "corrupt": corrupt,
+        "truncated": truncated,
+        "other_version": other_version,
+        "temp": temp,
+    }
 
 
 def _names(folder: Path) -> set[str]:
@@ -209,6 +221,7 @@ def test_disk_stats_counts_chunks_namespaces_and_other_files(cache_folder):
     assert by_ns[NS_A[:16]]["description"]["model"] == "tiny-llama"
     assert stats["chunk_bytes"] == sum(ns["bytes"] for ns in stats["namespaces"])
     assert stats["temp_files"] == 1
+    assert stats["other_version_files"] == 1
     assert [b["name"] for b in stats["unreadable_files"]] == [cache_folder["truncated"].name]
     assert stats["other_files"] == len(FOREIGN)
 
@@ -225,8 +238,9 @@ def test_disk_verify_finds_the_planted_corrupt_and_truncated_files(cache_folder)
     assert "checked 6 chunk files: 4 intact" in lines[0] and "2 damaged" in lines[0]
     assert any(cache_folder["corrupt"].name in line and "checksum" in line for line in lines)
     assert any(cache_folder["truncated"].name in line and "truncated" in line for line in lines)
-    for good in cache_folder["good"]:
+    for good in [*cache_folder["good"], cache_folder["other_version"]]:
         assert good.name not in result.stdout
+    assert "not checked: 1 chunk files of another format version" in result.stdout
     for foreign in FOREIGN:
         assert foreign not in result.stdout
     assert _names(folder) >= {cache_folder["corrupt"].name, cache_folder["truncated"].name}  # nothing removed
@@ -244,6 +258,7 @@ def test_disk_verify_delete_removes_only_the_damaged_files(cache_folder):
     result = run("disk", "verify", str(folder), "--delete")
     assert result.returncode == 0, result.stdout  # repaired: an init container may go on
     assert result.stdout.count("[deleted]") == 2
+    # Another version's file is not damage: an engine of that version may be using it.
     assert _names(folder) == before - {cache_folder["corrupt"].name, cache_folder["truncated"].name}
     assert run("disk", "verify", str(folder)).returncode == 0
 
@@ -260,8 +275,8 @@ def test_disk_clear_removes_only_this_librarys_files(cache_folder):
     folder = cache_folder["folder"]
     result = run("disk", "clear", str(folder), "--yes")
     assert result.returncode == 0, result.stderr
-    assert "removed 7 files" in result.stdout
-    assert _names(folder) == set(FOREIGN)
+    assert "removed 8 files" in result.stdout
+    assert _names(folder) == {*FOREIGN, ".lmc.lock"}  # an engine may hold the lock: it stays too
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
