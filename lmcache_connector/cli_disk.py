@@ -24,8 +24,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .tiers.disk import LOCK_NAME  # the disk tier's writer module; imports nothing beyond the stdlib
 from .tiers.disk_format import (
+    LOCK_NAME,
     TMP_SUFFIX,
     ChunkFileError,
     ChunkHeader,

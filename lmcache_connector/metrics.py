@@ -21,7 +21,7 @@ series                                          type     tier  meaning
 ``lmcache_connector_hit_tokens_by_tier_total``  counter  yes   hit tokens by the tier that supplied them
 ``lmcache_connector_hit_rate``                  gauge          hit / requested tokens since the server started
 ``lmcache_connector_lookups_total``             counter        prompts looked up in the cache
-``lmcache_connector_stored_bytes_total``        counter  yes   bytes written into a tier (disk: whole files)
+``lmcache_connector_stored_bytes_total``        counter  yes   bytes of KV written into a tier
 ``lmcache_connector_store_seconds_total``       counter  yes   time spent writing them
 ``lmcache_connector_loaded_bytes_total``        counter  yes   KV bytes read from a tier into vLLM's cache
 ``lmcache_connector_load_seconds_total``        counter  yes   time spent reading them
@@ -134,7 +134,7 @@ SERIES = (
     Series("hit_tokens", "Prompt tokens loaded from the KV cache instead of computed."),
     Series("hit_tokens_by_tier", "Hit tokens by the tier that supplied them.", key="hit_tokens", per_tier=True),
     Series("lookups", "Prompts looked up in the KV cache."),
-    Series("stored_bytes", "Bytes written into a tier (disk: whole files, headers included).", per_tier=True),
+    Series("stored_bytes", "Bytes of KV written into a tier.", per_tier=True),
     Series("store_seconds", "Seconds spent writing KV bytes into a tier.", per_tier=True),
     Series("loaded_bytes", "KV bytes read from a tier into vLLM's KV cache.", per_tier=True),
     Series("load_seconds", "Seconds spent reading KV bytes from a tier.", per_tier=True),

@@ -122,6 +122,8 @@ class SchedulerSide:
         if self.disk is not None:
             self.disk.poll()  # chunks other engines wrote since the last step
         state = self._state_for(request)
+        self.stats.lookups += 1
+        self.counters.add("lookups")
         if not state.cacheable or not (len(self.index) or (self.disk is not None and len(self.disk))):
             state.lookup = []
             return 0, False
@@ -131,8 +133,6 @@ class SchedulerSide:
         hit_tokens = min(hit_blocks * bs, request.num_tokens - 1)
         state.lookup = pieces
         state.lookup_local_tokens = num_computed_tokens
-        self.stats.lookups += 1
-        self.counters.add("lookups")
         self.stats.requested_tokens += max(0, request.num_tokens - num_computed_tokens)
         return max(0, hit_tokens - num_computed_tokens), False
 

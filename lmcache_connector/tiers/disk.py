@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .disk_format import (
+    LOCK_NAME,
     SUFFIX,
     TMP_SUFFIX,
     ChunkFileError,
@@ -46,7 +47,6 @@ from .disk_format import (
 
 logger = logging.getLogger("lmcache_connector")
 
-LOCK_NAME = ".lmc.lock"
 USAGE_CACHE_S = 1.0  # how long a measured folder size is trusted while far from the bound
 
 
@@ -61,7 +61,7 @@ class WriteJob:
 class WriteResult:
     store_id: int
     ok: bool
-    nbytes: int = 0
+    nbytes: int = 0  # KV bytes written (the file adds a header of under a KiB)
     seconds: float = 0.0
 
 
@@ -114,11 +114,10 @@ class DiskTier:
             if job is None:
                 return
             started = time.perf_counter()
-            ok, nbytes = False, 0
+            ok = False
             try:
                 if self.disabled_reason is None:
-                    nbytes = self._write(job)
-                    ok = nbytes > 0
+                    ok = self._write(job) > 0
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EPERM):
                     self._disable(exc)
@@ -126,6 +125,7 @@ class DiskTier:
                     logger.warning("Writing chunk %s to disk failed: %s", job.header.key[:12], exc)
             except Exception:
                 logger.exception("Writing chunk %s to disk failed", job.header.key[:12])
+            nbytes = job.header.nbytes if ok else 0
             self._results.append(WriteResult(job.store_id, ok, nbytes, time.perf_counter() - started))
             if self._jobs.empty():
                 self._idle.set()

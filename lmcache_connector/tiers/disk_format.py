@@ -31,6 +31,7 @@ import xxhash
 FORMAT = "lmcache_connector.chunk"
 FORMAT_VERSION = "1"
 SUFFIX = ".lmc.safetensors"
+LOCK_NAME = ".lmc.lock"  # writers sharing a folder serialise their size checks on it
 TMP_SUFFIX = ".lmc.tmp"
 TENSOR_NAME = "kv"
 MAX_HEADER_BYTES = 1 << 20
