@@ -82,6 +82,10 @@ class WorkerSide:
 
     def start_load_kv(self, plan: StepPlan) -> None:
         self._failed_load_reqs.clear()
+        if self.pool is not None:
+            for specs in plan.stores.values():
+                for spec in specs:
+                    self.pool.note_used(spec.slot)
         if not plan.loads:
             return
         for req_id, specs in plan.loads.items():
@@ -94,6 +98,7 @@ class WorkerSide:
                 try:
                     if spec.disk is not None:
                         tier = "disk"
+                        self.pool.note_used(spec.slot)
                         self._promote(spec.slot, spec.disk)
                     self._load(spec.slot, spec.first_block, spec.block_ids)
                     self.counters.add(f"loaded_bytes.{tier}", len(spec.block_ids) * self.paged.block_bytes)

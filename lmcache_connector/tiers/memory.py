@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from .prefault import Prefaulter
+
 logger = logging.getLogger("lmcache_connector")
 
 
@@ -38,6 +40,13 @@ class MemoryPool:
                 self.buffer = torch.empty(shape, dtype=torch.uint8)
         else:
             self.buffer = torch.empty(shape, dtype=torch.uint8)
+        # Pinned memory is committed at allocation; pageable memory is committed ahead of use.
+        self._prefault = None if self.pinned else Prefaulter(self.buffer.view(-1), self.slot_bytes)
+
+    def note_used(self, slot: int) -> None:
+        """The scheduler assigned ``slot``: fault in the pages that will be needed next."""
+        if self._prefault is not None:
+            self._prefault.note_used(slot)
 
     def slot(self, slot: int, num_blocks: int | None = None, first_block: int = 0) -> torch.Tensor:
         """The ``[R, num_blocks, row_bytes]`` view of blocks ``[first_block, first_block + num_blocks)``."""
