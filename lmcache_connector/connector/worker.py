@@ -28,6 +28,7 @@ from ..stats import Counters
 from ..tiers.disk import DiskTier
 from ..tiers.disk_format import ChunkHeader, rank_tag
 from ..tiers.memory import MemoryPool
+from ..tiers.prefault import populate_in_background
 from ..transfer import make_block_mover
 from .geometry import Geometry
 from .metadata import DiskRead, StepPlan, StoreSpec, WorkerReport
@@ -61,6 +62,11 @@ class WorkerSide:
         self.pool = MemoryPool(num_slots, shape)
         self._slot_valid = bytearray(num_slots)
         self.mover = make_block_mover(self.paged)
+        if self.paged.device.type == "cpu":
+            # vLLM's CPU KV cache is committed page by page on first write. Loads write whole
+            # chunks of blocks at once, so after a start every first hit would pay for those page
+            # faults on its time-to-first-token; commit the (already budgeted) cache in the background.
+            self._kv_prefault = populate_in_background(self.paged.storage)
         if self.config.local_disk:
             self.disk = DiskTier(
                 self.config.local_disk,

@@ -76,3 +76,10 @@ class Prefaulter:
                     logger.debug("madvise(MADV_POPULATE_WRITE) unavailable (errno %d)", ctypes.get_errno())
                     return
                 self._done = end
+
+
+def populate_in_background(buffer: torch.Tensor) -> Prefaulter:
+    """Fault in all of ``buffer`` (a CPU tensor) in the background, e.g. a KV cache right after start."""
+    prefaulter = Prefaulter(buffer, slot_bytes=max(1, buffer.numel()), ahead_bytes=0)
+    prefaulter.note_used(0)  # target: the whole buffer
+    return prefaulter
