@@ -29,8 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmcache_connector.testing.engine_harness import CONNECTOR, EngineProcess  # noqa: E402
-from lmcache_connector.testing.tiny_model import BENCH, build_model, random_prompt  # noqa: E402
+from bench_engines import bench_engine  # noqa: E402
+
+from lmcache_connector.testing.engine_harness import EngineProcess  # noqa: E402
+from lmcache_connector.testing.tiny_model import BENCH, random_prompt  # noqa: E402
 from lmcache_connector.tiers.disk import DiskTier  # noqa: E402
 from lmcache_connector.tiers.disk_format import ChunkHeader, rank_tag  # noqa: E402
 
@@ -81,24 +83,9 @@ def throughput(folder: str, chunks: int) -> dict:
 
 
 def engine(kind: str, tmp: str, folder: str) -> EngineProcess:
-    kwargs = {
-        "model": str(build_model(BENCH, REPO / ".cache" / "models")),
-        "dtype": "bfloat16",
-        "block_size": 32,
-        "max_model_len": 8192,
-        "enable_prefix_caching": kind == "vllm-prefix-cache",
-    }
-    env = {"VLLM_CACHE_ROOT": f"{tmp}/vllm", "TMPDIR": tmp, "VLLM_LOGGING_LEVEL": "WARNING"}
-    if kind == "lmcache_connector":
-        kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": {"chunk_size": 256}}
-        env.update(LMCACHE_LOCAL_DISK=folder, LMCACHE_MAX_LOCAL_DISK_SIZE="4")
-    elif kind == "ExampleConnector":
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "ExampleConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": folder},
-        }
-    return EngineProcess(kwargs, env)
+    if kind == "ExampleConnector":
+        return bench_engine(kind, tmp, example_folder=folder)
+    return bench_engine(kind, tmp, disk_folder=folder or None)
 
 
 def restart_ttft(tmp: str, repeats: int) -> dict:

@@ -21,39 +21,21 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmcache_connector.testing.engine_harness import CONNECTOR, EngineProcess  # noqa: E402
-from lmcache_connector.testing.tiny_model import BENCH, build_model, random_prompt  # noqa: E402
+from bench_engines import bench_engine  # noqa: E402
+
+from lmcache_connector.testing.engine_harness import EngineProcess  # noqa: E402
+from lmcache_connector.testing.tiny_model import BENCH, random_prompt  # noqa: E402
 
 VOCAB = BENCH.vocab_size
 
 
 def engine(kind: str, tmp: str, capped_blocks: int | None = None) -> EngineProcess:
-    kwargs = {
-        "model": str(build_model(BENCH, REPO / ".cache" / "models")),
-        "dtype": "bfloat16",
-        "block_size": 32,
-        "max_model_len": 8192,
-        "enable_prefix_caching": kind == "vllm-prefix-cache",
-    }
-    if capped_blocks:
-        kwargs["num_gpu_blocks_override"] = capped_blocks
-        kwargs["max_model_len"] = (capped_blocks - 2) * 32
-    if kind == "lmcache_connector":
-        kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": {"chunk_size": 256}}
-    elif kind == "ExampleConnector":
-        kwargs["kv_transfer_config"] = {
-            "kv_connector": "ExampleConnector",
-            "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": f"{tmp}/example-{time.monotonic_ns()}"},
-        }
-    env = {"VLLM_CACHE_ROOT": f"{tmp}/vllm", "TMPDIR": tmp, "VLLM_LOGGING_LEVEL": "WARNING"}
-    return EngineProcess(kwargs, env)
+    return bench_engine(kind, tmp, capped_blocks=capped_blocks)
 
 
 def identical_prompt(tmp: str, repeats: int) -> dict:
