@@ -40,6 +40,16 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
+def require_helm() -> str:
+    """The helm binary, or a test failure that says how to get it (chart tests never skip)."""
+    import pytest
+
+    path = find_tool("helm")
+    if path is None:
+        pytest.fail("helm not found in .venv/bin or on PATH: run `python scripts/install_helm.py` first")
+    return path
+
+
 def _helm(helm: str, *args: str) -> str:
     env = {
         **os.environ,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import threading
 
@@ -66,6 +67,10 @@ class Prefaulter:
         self._wake.set()
 
     def _run(self) -> None:
+        try:  # background work: on Linux a thread has its own nice value; let serving threads go first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass
         while not self._stop:
             self._wake.wait()
             self._wake.clear()
