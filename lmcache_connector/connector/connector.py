@@ -23,7 +23,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ..config import describe, load_config
 from ..logs import configure_logging
-from ..metrics import LMCacheConnectorStats, build_stats
+from ..metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
 from .geometry import compute_geometry
 from .metadata import StepPlan
 from .scheduler import SchedulerSide
@@ -64,7 +64,7 @@ def _shielded(fallback):
 
 
 class LMCacheConnector(KVConnectorBase_V1):
-    """Reuses KV caches of repeated prompt prefixes from a CPU-memory tier."""
+    """Reuses KV caches of repeated prompt prefixes from a CPU-memory tier and a local disk tier."""
 
     _cache_hit_source = CacheHitSource.HOST
 
@@ -123,8 +123,6 @@ class LMCacheConnector(KVConnectorBase_V1):
         per_engine_labelvalues: dict[int, list[object]],
     ) -> Any:  # a KVConnectorPromMetrics
         """The ``lmcache_connector_*`` series on vLLM's ``/metrics`` (listed in :mod:`lmcache_connector.metrics`)."""
-        from ..metrics import build_prom_metrics
-
         return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:
