@@ -26,7 +26,15 @@ def chunk_files(folder: Path) -> list[Path]:
 
 
 def our_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if ".lmc." in p.name)
+    """This library's files in the folder, in bytes (a file renamed or removed meanwhile is skipped)."""
+    total = 0
+    for entry in os.scandir(folder):
+        if ".lmc." in entry.name:
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def verifies(path: Path) -> bool:
