@@ -216,16 +216,30 @@ def read_header(path: str) -> tuple[ChunkHeader, int, int]:
     Returns the header, the offset of the data and the file size. Raises :class:`ChunkFileError`
     for anything that is not a complete chunk file of this format (including a truncated one).
     """
+    fd = _open(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise ChunkFileError("truncated header")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length > size - 8:
-                raise ChunkFileError("header length out of range")
-            raw = f.read(length)
+        return _read_header_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise MissingChunkError(f"cannot open: {exc.strerror}") from exc
+
+
+def _read_header_fd(fd: int) -> tuple[ChunkHeader, int, int]:
+    try:
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8:
+            raise ChunkFileError("truncated header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or length > size - 8:
+            raise ChunkFileError("header length out of range")
+        raw = os.pread(fd, length, 8)
     except OSError as exc:
         raise MissingChunkError(f"cannot read: {exc.strerror}") from exc
     header = decode_header(raw)
@@ -268,19 +282,16 @@ def read_chunk_into(path: str, expect: ChunkHeader | None, regions: Sequence[mem
     :class:`ChunkFileError` when the file is missing, foreign, truncated or fails its checksum;
     the buffers may then hold garbage and must not be used.
     """
-    header, offset, _ = read_header(path)
-    if expect is not None and (header.key, header.namespace, header.rank, header.shape) != (
-        expect.key,
-        expect.namespace,
-        expect.rank,
-        expect.shape,
-    ):
-        raise ChunkFileError("header does not match the chunk that was asked for")
+    fd = _open(path)  # one descriptor for header and bytes: the file cannot change in between
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise MissingChunkError(f"cannot open: {exc.strerror}") from exc
-    try:
+        header, offset, _ = _read_header_fd(fd)
+        if expect is not None and (header.key, header.namespace, header.rank, header.shape) != (
+            expect.key,
+            expect.namespace,
+            expect.rank,
+            expect.shape,
+        ):
+            raise ChunkFileError("header does not match the chunk that was asked for")
         digest = _read_all(fd, [r.cast("B") if r.format != "B" else r for r in regions], offset)
     finally:
         os.close(fd)
