@@ -64,3 +64,15 @@ def assert_same_greedy(expected: dict, actual: dict, tolerance: float = 0.05) ->
             assert ta in near and tb in near, f"outputs differ at position {pos} beyond a near-tie: {a} vs {b}"
         return
     assert len(a) == len(b)
+
+
+def library_bytes(folder) -> int:
+    """This library's files in a cache folder, in bytes (a file renamed or removed meanwhile is skipped)."""
+    total = 0
+    for entry in os.scandir(folder):
+        if ".lmc." in entry.name:
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                pass
+    return total

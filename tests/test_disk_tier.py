@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from engine_support import library_bytes
 from safetensors import safe_open
 
 from lmcache_connector.disk_catalog import DiskCatalog
@@ -38,18 +39,6 @@ def chunk(seed: int) -> torch.Tensor:
 
 def regions(t: torch.Tensor) -> list[memoryview]:
     return [memoryview(r.numpy()).cast("B") for r in t]
-
-
-def our_bytes(folder) -> int:
-    """This library's files in the folder, in bytes (a file renamed or removed meanwhile is skipped)."""
-    total = 0
-    for entry in os.scandir(folder):
-        if ".lmc." in entry.name:
-            try:
-                total += entry.stat().st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def test_chunk_file_is_plain_safetensors(tmp_path):
@@ -93,7 +82,7 @@ def test_folder_stays_within_its_bound_and_evicts_least_recently_used(tmp_path):
         tier.submit_write(i, header(i, ns=NS if i % 2 else OTHER_NS), regions(chunk(i)))
         assert tier.flush(10)
         time.sleep(0.01)  # distinct modification times
-        assert our_bytes(tmp_path) <= 5 * size
+        assert library_bytes(tmp_path) <= 5 * size
     results, evicted = tier.take_results()
     assert [r.ok for r in results] == [True] * 12
     names = sorted(os.listdir(tmp_path))
@@ -131,11 +120,11 @@ def test_two_processes_sharing_a_folder_stay_within_one_bound(tmp_path):
     ]
     peak = 0
     while any(p.poll() is None for p in procs):
-        peak = max(peak, our_bytes(tmp_path))
+        peak = max(peak, library_bytes(tmp_path))
         time.sleep(0.002)
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()
-    assert max(peak, our_bytes(tmp_path)) <= limit
+    assert max(peak, library_bytes(tmp_path)) <= limit
 
 
 FULL_DISK = textwrap.dedent(

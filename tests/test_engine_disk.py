@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_support import assert_same_greedy, start_engine
+from engine_support import assert_same_greedy, library_bytes, start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
 from lmcache_connector.tiers.disk_format import ChunkFileError, read_chunk_into, read_header
@@ -23,18 +23,6 @@ def disk_env(folder: Path, size_gb: float = 0.1, **extra: str) -> dict[str, str]
 
 def chunk_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith(".lmc.safetensors"))
-
-
-def our_bytes(folder: Path) -> int:
-    """This library's files in the folder, in bytes (a file renamed or removed meanwhile is skipped)."""
-    total = 0
-    for entry in os.scandir(folder):
-        if ".lmc." in entry.name:
-            try:
-                total += entry.stat().st_size
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def verifies(path: Path) -> bool:
@@ -138,14 +126,14 @@ def test_folder_stays_within_its_size_and_recency_survives_a_restart(engine_tmp,
         for prompt in prompts[2:7]:  # more than the folder holds
             one(first, prompt, max_tokens=2)
             first.call("connector_state")
-            assert our_bytes(tmp_path) <= limit_gb * 1024**3
-    assert our_bytes(tmp_path) <= limit_gb * 1024**3
+            assert library_bytes(tmp_path) <= limit_gb * 1024**3
+    assert library_bytes(tmp_path) <= limit_gb * 1024**3
 
     with start_engine(TINY, engine_tmp, env=env, extra_config=CHUNK) as second:
         assert second.generate([prompts[6]], max_tokens=2)[0]["num_cached_tokens"] == 511  # newest: on disk
         assert second.generate([prompts[1]], max_tokens=2)[0]["num_cached_tokens"] == 0  # least recent: gone
         one(second, prompts[7], max_tokens=2)
-        assert our_bytes(tmp_path) <= limit_gb * 1024**3
+        assert library_bytes(tmp_path) <= limit_gb * 1024**3
 
 
 def test_memory_smaller_than_the_working_set_is_backed_by_disk(engine_tmp, tmp_path, baseline):
@@ -177,7 +165,7 @@ def test_two_engines_share_one_folder(engine_tmp, tmp_path, baseline):
         for i, prompt in enumerate(prompts[1:]):  # both write and evict in the same folder
             engine = (a, b)[i % 2]
             assert_same_greedy(one(baseline, prompt), one(engine, prompt))
-            assert our_bytes(tmp_path) <= limit_gb * 1024**3
+            assert library_bytes(tmp_path) <= limit_gb * 1024**3
         for prompt in prompts[:4]:  # reads of files the other engine evicted are misses, never errors
             assert_same_greedy(one(baseline, prompt), one(a, prompt))
         assert a.call("connector_state")["pins"] == 0 and b.call("connector_state")["pins"] == 0
