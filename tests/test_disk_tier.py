@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -14,6 +18,7 @@ from engine_support import library_bytes
 from safetensors import safe_open
 
 from lmcache_connector.disk_catalog import DiskCatalog
+from lmcache_connector.tiers import disk, disk_format
 from lmcache_connector.tiers.disk import DiskTier
 from lmcache_connector.tiers.disk_format import (
     ChunkFileError,
@@ -93,6 +98,17 @@ def test_folder_stays_within_its_bound_and_evicts_least_recently_used(tmp_path):
     tier.close()
 
 
+def locked_library_bytes(folder) -> int:
+    """The folder's size as a writer sees it: under the writers' lock, so no rename runs mid-listing
+    (a listing without it can see a file under its temporary name and again under its final one)."""
+    fd = os.open(os.path.join(folder, ".lmc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return library_bytes(folder)
+    finally:
+        os.close(fd)
+
+
 WRITER = textwrap.dedent(
     """
     import sys, torch
@@ -120,7 +136,7 @@ def test_two_processes_sharing_a_folder_stay_within_one_bound(tmp_path):
     ]
     peak = 0
     while any(p.poll() is None for p in procs):
-        peak = max(peak, library_bytes(tmp_path))
+        peak = max(peak, locked_library_bytes(tmp_path))
         time.sleep(0.002)
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()
@@ -148,12 +164,225 @@ FULL_DISK = textwrap.dedent(
 )
 
 
-def test_a_full_disk_stops_writes_with_one_warning(tmp_path):
+def test_a_file_size_limit_stops_writes_with_one_warning(tmp_path):
     run = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "results [False, False, False, False, False]" in run.stdout
     assert run.stderr.count("disk tier writes stopped") == 1
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".lmc.tmp")]  # nothing half-written left
+
+
+def temp_files(folder) -> list[str]:
+    return [n for n in os.listdir(folder) if n.endswith(".lmc.tmp")]
+
+
+def write_all(tier: DiskTier, first: int, count: int) -> list[bool]:
+    for i in range(first, first + count):
+        tier.submit_write(i, header(i), regions(chunk(i)))
+    assert tier.flush(30)
+    return [r.ok for r in tier.take_results()[0]]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_drops_writes_with_one_warning_and_resumes(tmp_path, monkeypatch, caplog, code):
+    monkeypatch.setattr(disk, "DISK_FULL_RETRY_S", 0.3)
+    real_fallocate, calls, full = os.posix_fallocate, [], [True]
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        if full[0]:
+            raise OSError(code, os.strerror(code))
+        return real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(disk_format.os, "posix_fallocate", fallocate)
+    tier = DiskTier(str(tmp_path), 1 << 20, NS, rank_tag(0), fsync=False)
+    with caplog.at_level(logging.INFO, logger="lmcache_connector"):
+        assert write_all(tier, 0, 5) == [False] * 5
+        assert len(calls) == 1  # the first failure backs off: the next four are dropped untried
+        time.sleep(0.35)
+        assert write_all(tier, 5, 2) == [False, False]  # still full after the pause: no new warning
+        full[0] = False
+        time.sleep(0.35)
+        assert write_all(tier, 7, 3) == [True] * 3
+        assert write_all(tier, 10, 1) == [True]
+    assert tier.disabled_reason is None
+    assert caplog.text.count("is full") == 1 and caplog.text.count("writes resumed") == 1
+    assert "7 chunk writes dropped" in caplog.text
+    assert not temp_files(tmp_path)
+    assert len(list(tmp_path.glob("*.lmc.safetensors"))) == 4
+    tier.close()
+
+
+def test_a_disk_full_when_the_engine_starts_is_retried_too(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(disk, "DISK_FULL_RETRY_S", 0.2)
+    real_open = os.open
+
+    def no_inodes(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(disk.os, "open", no_inodes)
+    tier = DiskTier(str(tmp_path / "cache"), 1 << 20, NS, rank_tag(0), fsync=False)
+    with caplog.at_level(logging.INFO, logger="lmcache_connector"):
+        assert write_all(tier, 0, 1) == [False]
+        monkeypatch.setattr(disk.os, "open", real_open)
+        time.sleep(0.25)
+        assert write_all(tier, 1, 1) == [True]
+    assert tier.disabled_reason is None and caplog.text.count("writes resumed") == 1
+    tier.close()
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_read_only_or_forbidden_folder_stops_writes(tmp_path, monkeypatch, caplog, code):
+    def fallocate(fd, offset, length):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(disk_format.os, "posix_fallocate", fallocate)
+    tier = DiskTier(str(tmp_path), 1 << 20, NS, rank_tag(0), fsync=False)
+    with caplog.at_level(logging.WARNING, logger="lmcache_connector"):
+        assert write_all(tier, 0, 3) == [False] * 3
+    assert tier.disabled_reason is not None and caplog.text.count("disk tier writes stopped") == 1
+    tier.submit_write(9, header(9), regions(chunk(9)))  # refused at once, never queued
+    assert [r.ok for r in tier.take_results()[0]] == [False]
+    tier.close()
+
+
+FILLER = textwrap.dedent(
+    """
+    import sys
+    with open(sys.argv[1], "wb") as f:  # another program fills the disk
+        try:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+        except OSError as exc:
+            print(exc.errno)
+    """
+)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {exc}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def test_a_really_full_disk_drops_writes_until_space_is_freed(small_tmpfs, monkeypatch, caplog):
+    monkeypatch.setattr(disk, "DISK_FULL_RETRY_S", 0.3)
+    folder = small_tmpfs / "cache"
+    tier = DiskTier(str(folder), 64 << 20, NS, rank_tag(0))  # a bound far above what the disk holds
+    filler = small_tmpfs / "other-program.bin"
+    with caplog.at_level(logging.INFO, logger="lmcache_connector"):
+        assert write_all(tier, 0, 2) == [True, True]
+        run = subprocess.run([sys.executable, "-c", FILLER, str(filler)], capture_output=True, text=True, timeout=60)
+        assert run.stdout.strip() == str(errno.ENOSPC), run.stderr
+        assert write_all(tier, 2, 3) == [False] * 3
+        filler.unlink()  # the other program frees its space
+        time.sleep(0.35)
+        assert write_all(tier, 5, 3) == [True] * 3
+    assert tier.disabled_reason is None
+    assert caplog.text.count("is full") == 1 and caplog.text.count("writes resumed") == 1
+    assert not temp_files(folder)
+    out = torch.empty(SHAPE, dtype=torch.uint8)
+    tier.read_into(header(6), regions(out))
+    assert torch.equal(out, chunk(6))
+    tier.close()
+
+
+def test_two_tiers_writing_into_one_folder_never_exceed_its_bound(tmp_path):
+    """Two ranks (or engines) in one process: each one's figure goes stale while the other writes."""
+    size = 8192 + 1024
+    limit = 6 * size
+    tiers = [DiskTier(str(tmp_path), limit, ns, rank_tag(0), fsync=False) for ns in (NS, OTHER_NS)]
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], locked_library_bytes(tmp_path))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    data = regions(chunk(0))
+    try:
+        for i in range(60):
+            for n, tier in enumerate(tiers):
+                tier.submit_write(i, header(i, ns=(NS, OTHER_NS)[n]), data)
+        for tier in tiers:
+            assert tier.flush(60)
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(peak[0], library_bytes(tmp_path)) <= limit
+    for tier in tiers:
+        assert sum(r.ok for r in tier.take_results()[0]) == 60
+        tier.close()
+
+
+def test_writes_far_from_the_bound_do_not_list_the_folder_each_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk, "USAGE_MEASURE_S", 60.0)
+    listings = []
+    measure = DiskTier._measure
+    monkeypatch.setattr(DiskTier, "_measure", lambda self: listings.append(1) or measure(self))
+    first = DiskTier(str(tmp_path), 1 << 30, NS, rank_tag(0), fsync=False)
+    assert write_all(first, 0, 30) == [True] * 30
+    second = DiskTier(str(tmp_path), 1 << 30, OTHER_NS, rank_tag(0), fsync=False)  # trusts the shared figure
+    assert write_all(second, 30, 10) == [True] * 10
+    assert len(listings) == 1
+    first.close()
+    second.close()
+
+
+def test_close_writes_every_queued_chunk(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        time.sleep(0.02)
+        real_fsync(fd)
+
+    monkeypatch.setattr(disk_format.os, "fsync", slow_fsync)
+    tier = DiskTier(str(tmp_path), 1 << 30, NS, rank_tag(0))
+    for i in range(40):
+        tier.submit_write(i, header(i), regions(chunk(i)))
+    tier.close(60)
+    assert [r.ok for r in tier.take_results()[0]] == [True] * 40
+    assert len(list(tmp_path.glob("*.lmc.safetensors"))) == 40
+    tier.submit_write(99, header(99), regions(chunk(99)))  # after close: refused at once
+    assert [r.ok for r in tier.take_results()[0]] == [False]
+
+
+def test_flush_waits_for_a_write_queued_while_the_writer_goes_idle(tmp_path, monkeypatch):
+    """The writer finishes one job and finds the queue empty just before the next job lands in it."""
+    real_fsync = os.fsync
+    monkeypatch.setattr(disk_format.os, "fsync", lambda fd: time.sleep(0.1) or real_fsync(fd))
+    tier = DiskTier(str(tmp_path), 1 << 30, NS, rank_tag(0))
+    real_put = tier._jobs.put
+
+    def late_put(job, *args, **kwargs):
+        if job is not None and job.store_id == 1:
+            time.sleep(0.25)  # job 0 finishes meanwhile, and the writer finds the queue empty
+        real_put(job, *args, **kwargs)
+
+    monkeypatch.setattr(tier._jobs, "put", late_put)
+    tier.submit_write(0, header(0), regions(chunk(0)))
+    submitter = threading.Thread(target=tier.submit_write, args=(1, header(1), regions(chunk(1))))
+    submitter.start()
+    time.sleep(0.15)  # job 0 is written, job 1 submitted but not yet queued
+    assert tier.flush(10)
+    assert (tmp_path / header(1).file_name).exists()
+    submitter.join()
+    tier.close()
 
 
 def test_catalog_rebuilds_from_headers_and_cleans_leftovers(tmp_path):

@@ -3,29 +3,44 @@
 * ``submit_write`` queues a slot for writing; a background thread writes it (checksum, temporary
   file, rename) while the forward pass goes on. The slot must stay untouched until the write is
   reported (the scheduler keeps the chunk pinned meanwhile).
-* Before each write the folder is kept within its size bound, counting every file of this library
-  in it (every namespace and engine, temporary files included): under an exclusive lock on
-  ``.lmc.lock`` the writer measures the folder, deletes least-recently-used chunk files (oldest
-  modification time first) until the new file fits, and reserves the new file at its full size,
-  so processes sharing the folder never overshoot together.
+* The size bound holds for every process sharing the folder (ranks, engines). Each write takes an
+  exclusive lock on ``.lmc.lock``, and the lock file holds the folder's usage as its last holder
+  left it: every file of this library in the folder (every namespace and engine, temporary files
+  included). The writer adds the file it reserves (at its full size, before writing it) and
+  subtracts what it deletes, so no writer relies on a figure of its own that others have moved on
+  from; the finished file is renamed into place under the lock too, so a listing never misses it.
+  The folder is listed only when the new file would not fit — then least-recently-used chunk files
+  (oldest modification time first) are deleted until it does — or when the figure was measured
+  more than ``USAGE_MEASURE_S`` ago, once for all writers. Files removed outside the lock (a
+  corrupt file found by a read, ``lmcache-connector disk clear``) only make the figure too high,
+  which costs an early listing, never an overshoot.
 * ``read_into`` reads a chunk file into a slot and verifies its header and checksum; a corrupt or
   truncated file is deleted and reported, a missing one (evicted by another engine) is a miss.
-* A full disk or an unwritable folder stops writes with one warning; loads and the memory tier go on.
-* ``flush`` (at shutdown and at interpreter exit) writes what is queued, for at most a bounded time.
+* Failures, by errno. A full disk or quota (ENOSPC, EDQUOT) is transient: the write is dropped (a
+  future miss), one warning is logged, writes are dropped without trying for ``DISK_FULL_RETRY_S``
+  and then tried again; one line says when they resume. A read-only filesystem or a folder this
+  process may not write (EROFS, EACCES, EPERM), or a file-size limit below a chunk's size (EFBIG:
+  ``RLIMIT_FSIZE`` or the filesystem's largest file, which every later chunk would hit too), stops
+  writes for the life of the process, with one warning. Any other error fails that write only.
+  Loads of chunks on disk and the memory tier go on in every case.
+* ``flush`` waits until every write submitted before it was called is done, for at most a bounded
+  time (at shutdown, and at interpreter exit); ``close`` flushes, then stops the writer.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import queue
+import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from .disk_format import (
@@ -36,18 +51,28 @@ from .disk_format import (
     ChunkHeader,
     ForeignChunkError,
     MissingChunkError,
+    PendingWrite,
     abandon,
     checksum,
-    commit,
     encode_header,
+    fill,
     parse_file_name,
+    publish,
     read_chunk_into,
     reserve_temp,
 )
 
 logger = logging.getLogger("lmcache_connector")
 
-USAGE_CACHE_S = 1.0  # how long a measured folder size is trusted while far from the bound
+USAGE_MEASURE_S = 1.0  # the folder is listed again when the shared figure is older than this
+DISK_FULL_RETRY_S = 5.0  # after ENOSPC/EDQUOT, writes are dropped untried for this long
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+STOPS_WRITES_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+# The usage figure in the lock file: fixed width, so it is rewritten in place.
+_RECORD = "lmcache_connector disk usage v1: {usage:020d} bytes, measured at {measured_at:020.6f}\n"
+_RECORD_RE = re.compile(rb"^lmcache_connector disk usage v1: (\d{20}) bytes, measured at ([0-9. ]{20})\n$")
+RECORD_BYTES = len(_RECORD.format(usage=0, measured_at=0.0))
 
 
 @dataclass
@@ -76,19 +101,28 @@ class DiskTier:
         self._jobs: queue.Queue[WriteJob | None] = queue.Queue()
         self._results: collections.deque[WriteResult] = collections.deque()
         self._evicted: collections.deque[bytes] = collections.deque()  # keys of ours another rank may still hold
-        self._usage = 0
-        self._usage_at = 0.0
-        self._idle = threading.Event()
-        self._idle.set()
+        # Writes submitted and finished (written, dropped or failed): flush waits for the difference.
+        self._progress = threading.Condition()
+        self._submitted = 0
+        self._finished = 0
+        self._closed = False
+        self._stopping = False  # after close: jobs still queued are dropped, not written
+        self._retry_at = 0.0  # monotonic time before which writes are dropped (the disk was full)
+        self._full_since: float | None = None
+        self._dropped_while_full = 0
+        self._lock_fd = -1
         try:
-            os.makedirs(folder, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+            self._open_folder()
         except OSError as exc:
-            self._disable(exc)
-            self._lock_fd = -1
+            if exc.errno not in DISK_FULL_ERRNOS:  # a full disk is retried by the first write
+                self._disable(exc)
         self._thread = threading.Thread(target=self._run, name="lmcache-disk-writer", daemon=True)
         self._thread.start()
         atexit.register(self.flush)
+
+    def _open_folder(self) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.folder, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
 
     def path(self, key_hex: str) -> str:
         return os.path.join(self.folder, f"{self.namespace_hex[:16]}-{self.rank}-{key_hex}{SUFFIX}")
@@ -96,11 +130,12 @@ class DiskTier:
     # ------------------------------------------------------------ writes
 
     def submit_write(self, store_id: int, header: ChunkHeader, regions: Sequence[memoryview]) -> None:
-        if self.disabled_reason is not None:
-            self._results.append(WriteResult(store_id, ok=False))
-            return
-        self._idle.clear()
-        self._jobs.put(WriteJob(store_id, header, regions))
+        with self._progress:
+            if self.disabled_reason is None and not self._closed:
+                self._submitted += 1
+                self._jobs.put(WriteJob(store_id, header, regions))
+                return
+        self._results.append(WriteResult(store_id, ok=False))
 
     def take_results(self) -> tuple[list[WriteResult], list[bytes]]:
         """Writes finished since the last call, and keys of our chunks deleted to make room."""
@@ -112,71 +147,149 @@ class DiskTier:
         while True:
             job = self._jobs.get()
             if job is None:
+                if self._lock_fd >= 0:
+                    os.close(self._lock_fd)
                 return
-            started = time.perf_counter()
-            ok = False
+            result = WriteResult(job.store_id, ok=False)
             try:
-                if self.disabled_reason is None:
-                    ok = self._write(job) > 0
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EPERM):
-                    self._disable(exc)
-                else:
-                    logger.warning("Writing chunk %s to disk failed: %s", job.header.key[:12], exc)
+                result = self._attempt(job)
             except Exception:
                 logger.exception("Writing chunk %s to disk failed", job.header.key[:12])
-            nbytes = job.header.nbytes if ok else 0
-            self._results.append(WriteResult(job.store_id, ok, nbytes, time.perf_counter() - started))
-            if self._jobs.empty():
-                self._idle.set()
+            finally:
+                self._results.append(result)
+                with self._progress:
+                    self._finished += 1
+                    self._progress.notify_all()
+
+    def _attempt(self, job: WriteJob) -> WriteResult:
+        failed = WriteResult(job.store_id, ok=False)
+        if self._stopping or self.disabled_reason is not None:
+            return failed
+        if time.monotonic() < self._retry_at:
+            self._dropped_while_full += 1
+            return failed
+        started = time.perf_counter()
+        try:
+            size = self._write(job)
+        except OSError as exc:
+            self._on_error(job, exc)
+            return failed
+        if size and self._full_since is not None:
+            logger.info(
+                "lmcache_connector: disk tier writes resumed after %.0f s (%d chunk writes dropped while %s was full)",
+                time.monotonic() - self._full_since,
+                self._dropped_while_full,
+                self.folder,
+            )
+            self._full_since = None
+        if not size:
+            return failed
+        return WriteResult(job.store_id, True, job.header.nbytes, time.perf_counter() - started)
+
+    def _on_error(self, job: WriteJob, exc: OSError) -> None:
+        if exc.errno in DISK_FULL_ERRNOS:
+            now = time.monotonic()
+            self._retry_at = now + DISK_FULL_RETRY_S
+            if self._full_since is None:
+                self._full_since = now
+                self._dropped_while_full = 1
+                logger.warning(
+                    "lmcache_connector: disk tier folder %s is full (%s): chunk writes are dropped and tried "
+                    "again every %.0f s. Serving, loads of chunks on disk and the memory tier go on.",
+                    self.folder,
+                    exc.strerror or exc,
+                    DISK_FULL_RETRY_S,
+                )
+            else:
+                self._dropped_while_full += 1
+        elif exc.errno in STOPS_WRITES_ERRNOS:
+            self._disable(exc)
+        else:
+            logger.warning("Writing chunk %s to disk failed: %s", job.header.key[:12], exc)
 
     def _write(self, job: WriteJob) -> int:
+        """Write one chunk file within the folder's bound; its size, or 0 when it cannot fit."""
         header = replace(job.header, checksum=checksum(job.regions))
         encoded = encode_header(header)
         size = len(encoded) + header.nbytes
-        if size > self.max_bytes:
+        if size + RECORD_BYTES > self.max_bytes:
             return 0
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            if not self._make_room(size):
+        if self._lock_fd < 0:
+            self._open_folder()
+        with self._folder_lock():
+            usage, measured_at = self._make_room(size)
+            if usage + size > self.max_bytes:
                 return 0
             pending = reserve_temp(self.folder, header, size)
-            self._usage += size
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            self._store_usage(usage + size, measured_at)
         try:
-            commit(pending, encoded, job.regions, self.fsync)
+            fill(pending, encoded, job.regions, self.fsync)
+            with self._folder_lock():  # a listing in progress would miss a file renamed under it
+                publish(pending)
         except BaseException:
-            abandon(pending)
+            self._abandon(pending, size)
             raise
         return size
 
-    def _make_room(self, size: int) -> bool:
-        """With the folder lock held: delete least-recently-used chunk files until ``size`` fits."""
-        now = time.monotonic()
-        if now - self._usage_at > USAGE_CACHE_S or self._usage + size > self.max_bytes:
-            files, self._usage = self._measure()
-            self._usage_at = now
-        else:
-            return True
-        if self._usage + size <= self.max_bytes:
-            return True
-        for _mtime, nbytes, name in sorted(files):  # oldest first
-            try:
-                os.unlink(os.path.join(self.folder, name))
-            except FileNotFoundError:
-                pass
-            self._usage -= nbytes
-            parsed = parse_file_name(name)
-            if parsed and parsed[0] == self.namespace_hex[:16]:
-                self._evicted.append(bytes.fromhex(parsed[2]))
-            if self._usage + size <= self.max_bytes:
-                return True
-        return False
+    def _abandon(self, pending: PendingWrite, size: int) -> None:
+        """Remove a reserved file that could not be written, and take it out of the shared figure.
+
+        Both under the lock: a listing by another writer either saw the file and the figure holds
+        it, or comes after both and the figure is measured anew.
+        """
+        with self._folder_lock():
+            record = self._load_usage()
+            abandon(pending)
+            if record is not None:
+                self._store_usage(max(0, record[0] - size), record[1])
+
+    @contextlib.contextmanager
+    def _folder_lock(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _load_usage(self) -> tuple[int, float] | None:
+        """The folder's usage and when it was last measured, as the lock's last holder left them."""
+        match = _RECORD_RE.match(os.pread(self._lock_fd, RECORD_BYTES, 0))
+        return (int(match.group(1)), float(match.group(2))) if match else None
+
+    def _store_usage(self, usage: int, measured_at: float) -> None:
+        os.pwrite(self._lock_fd, _RECORD.format(usage=usage, measured_at=measured_at).encode(), 0)
+
+    def _make_room(self, size: int) -> tuple[int, float]:
+        """With the folder lock held: delete least-recently-used chunk files until ``size`` fits.
+
+        Returns the folder's usage afterwards and when it was measured; the caller checks the fit.
+        """
+        record = self._load_usage()
+        now = time.time()
+        if record is not None and 0 <= now - record[1] <= USAGE_MEASURE_S and record[0] + size <= self.max_bytes:
+            return record
+        files, usage = self._measure()
+        if usage + size > self.max_bytes:
+            for _mtime, nbytes, name in sorted(files):  # oldest first
+                try:
+                    os.unlink(os.path.join(self.folder, name))
+                except FileNotFoundError:
+                    pass
+                usage -= nbytes
+                parsed = parse_file_name(name)
+                if parsed and parsed[0] == self.namespace_hex[:16]:
+                    self._evicted.append(bytes.fromhex(parsed[2]))
+                if usage + size <= self.max_bytes:
+                    break
+        self._store_usage(usage, now)
+        return usage, now
 
     def _measure(self) -> tuple[list[tuple[float, int, str]], int]:
-        """This library's files in the folder: ``(mtime, size, name)`` of each chunk, and the total bytes."""
-        chunks, total = [], 0
+        """This library's files in the folder: ``(mtime, size, name)`` of each chunk, and the total bytes.
+
+        The total counts the lock file at the size of its usage record.
+        """
+        chunks, total = [], RECORD_BYTES
         with os.scandir(self.folder) as it:
             for item in it:
                 is_chunk = item.name.endswith(SUFFIX) and parse_file_name(item.name) is not None
@@ -220,14 +333,26 @@ class DiskTier:
     # ------------------------------------------------------------ shutdown
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait (at most ``timeout`` seconds) until every queued write is on disk."""
-        done = self._idle.wait(timeout)
-        if not done:
+        """Wait (at most ``timeout`` seconds) until every write submitted before this call is done."""
+        with self._progress:
+            target = self._submitted
+            self._progress.wait_for(lambda: self._finished >= target or not self._thread.is_alive(), timeout)
+            left = target - self._finished
+        if left > 0:
             logger.warning(
-                "lmcache_connector: %d chunk writes still queued at shutdown were dropped", self._jobs.qsize()
+                "lmcache_connector: %d chunk writes were not on disk after %.0f s; at shutdown they are dropped",
+                left,
+                timeout,
             )
-        return done
+        return left <= 0
 
     def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (for at most ``timeout`` seconds), then stop the writer; later writes fail."""
+        if self._closed:
+            return
         self.flush(timeout)
-        self._jobs.put(None)
+        atexit.unregister(self.flush)
+        with self._progress:
+            self._closed = True
+            self._stopping = True
+            self._jobs.put(None)

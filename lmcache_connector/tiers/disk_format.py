@@ -31,7 +31,7 @@ import xxhash
 FORMAT = "lmcache_connector.chunk"
 FORMAT_VERSION = "1"
 SUFFIX = ".lmc.safetensors"
-LOCK_NAME = ".lmc.lock"  # writers sharing a folder serialise their size checks on it
+LOCK_NAME = ".lmc.lock"  # writers sharing a folder serialise their size checks on it; it holds the usage figure
 TMP_SUFFIX = ".lmc.tmp"
 TENSOR_NAME = "kv"
 MAX_HEADER_BYTES = 1 << 20
@@ -161,17 +161,27 @@ def reserve_temp(folder: str, header: ChunkHeader, size: int) -> PendingWrite:
 
 
 def commit(pending: PendingWrite, encoded_header: bytes, regions: Sequence[memoryview], fsync: bool = True) -> None:
-    """Write the header and bytes into the reserved file, then rename it into place."""
+    """Write the header and bytes into the reserved file, then rename it into place (or remove it)."""
     try:
-        _write_all(pending.fd, [memoryview(encoded_header), *regions])
-        if fsync:
-            os.fsync(pending.fd)
-        os.close(pending.fd)
-        pending.fd = -1
-        os.rename(pending.temp, pending.final)
+        fill(pending, encoded_header, regions, fsync)
+        publish(pending)
     except BaseException:
         abandon(pending)
         raise
+
+
+def fill(pending: PendingWrite, encoded_header: bytes, regions: Sequence[memoryview], fsync: bool = True) -> None:
+    """Write the header and bytes into the reserved file and close it. On failure the caller abandons it."""
+    _write_all(pending.fd, [memoryview(encoded_header), *regions])
+    if fsync:
+        os.fsync(pending.fd)
+    os.close(pending.fd)
+    pending.fd = -1
+
+
+def publish(pending: PendingWrite) -> None:
+    """Rename a filled temporary file into place: the chunk appears whole or not at all."""
+    os.rename(pending.temp, pending.final)
 
 
 def abandon(pending: PendingWrite) -> None:

@@ -1,12 +1,13 @@
 """Fault in the memory pool's pages shortly before they are used, off the serving path.
 
-The pool is allocated once but its pages are committed by the kernel on first write, which costs
-about 0.2 ms per MiB (page faults plus zeroing): 12 ms for the 64 MiB a 4,000-token prompt loads
-from disk, on the time-to-first-token of the first hits after a start. The index hands out slots
-in ascending order until the pool is full, so a background thread keeps ``ahead_bytes`` of slots
-beyond the highest one used populated with ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+). That
-call never changes memory contents, so it is safe next to a store writing the same slot, and the
-resident size grows only a bounded amount ahead of real use. Elsewhere it does nothing.
+A pageable pool (no CUDA; a registered one is locked at registration) is allocated once, but its
+pages are committed by the kernel on first write, which costs about 0.2 ms per MiB (page faults
+plus zeroing): 12 ms for the 64 MiB a 4,000-token prompt loads from disk, on the
+time-to-first-token of the first hits after a start. The index hands out slots in ascending order
+until the pool is full, so a background thread keeps ``ahead_bytes`` of slots beyond the highest
+one used populated with ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+). That call never changes
+memory contents, so it is safe next to a store writing the same slot, and the resident size grows
+only a bounded amount ahead of real use. Elsewhere it does nothing.
 """
 
 from __future__ import annotations
