@@ -3,15 +3,17 @@
 A prompt is cut into vLLM blocks; block ``i`` gets a *fingerprint* that covers the whole prefix up
 to its end::
 
-    fp[-1] = H(namespace, lora, cache_salt)        # the request's root
+    fp[-1] = H(namespace, lora adapter, cache_salt)  # the request's root
     fp[i]  = H(fp[i-1], token ids of block i, multimodal items overlapping block i)
 
 A chunk (``chunk_size`` tokens, a whole number of blocks) is stored under the fingerprint of its
 last block, and the index remembers the fingerprints of every block boundary inside it, so a
 prompt that shares only part of a chunk still reuses each whole block they share.
 
-The namespace holds everything that changes the KV bytes of a given token sequence: model identity,
-dtype, KV layout and byte geometry, block and chunk size, tensor/pipeline-parallel size. ``H`` is
+The namespace holds everything that changes the KV bytes of a given token sequence: the weights
+(model, revision and checkpoint fingerprint, quantization, compute dtype), the KV format (dtype or
+quantized format), KV layout and byte geometry, block and chunk size, tensor/pipeline-parallel size.
+A LoRA adapter enters the root by identity (name, path, files), not by name alone. ``H`` is
 BLAKE2b, so keys are the same in every process and on every machine: no Python ``hash()``, no
 ``PYTHONHASHSEED``, no dependence on vLLM's prefix-cache hash settings.
 """
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-KEY_FORMAT_VERSION = 1
+KEY_FORMAT_VERSION = 2  # 2: the namespace names the weights and the KV format
 FINGERPRINT_BYTES = 16
 
 
@@ -41,8 +43,8 @@ def _h(*parts: bytes) -> bytes:
 class Namespace:
     """What makes stored KV bytes interchangeable between two engines."""
 
-    model: str
-    kv_dtype: str
+    model: str  # the model vLLM was given (Hub id or path), or LMCACHE_MODEL_NAME
+    kv_dtype: str  # the KV bytes' format: a dtype, or a quantized format ("fp8_e4m3", "fp8_e5m2", ...)
     kv_layout: str
     page_bytes: int
     num_layers: int
@@ -50,6 +52,9 @@ class Namespace:
     chunk_size: int
     tp_size: int = 1
     pp_size: int = 1
+    checkpoint: str = ""  # revision and fingerprint of the weights' files; "" under LMCACHE_MODEL_NAME
+    quantization: str = ""  # vLLM's weight quantization method
+    model_dtype: str = ""  # the dtype K and V are computed in
 
     def digest(self) -> bytes:
         canonical = json.dumps({"version": KEY_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -69,9 +74,10 @@ class MultimodalItem:
     length: int
 
 
-def request_root(namespace_digest: bytes, lora_name: str | None = None, cache_salt: str | None = None) -> bytes:
-    """The fingerprint chain's start for one request: LoRA and cache_salt change every block."""
-    return _h(namespace_digest, (lora_name or "").encode(), (cache_salt or "").encode())
+def request_root(namespace_digest: bytes, lora: str | None = None, cache_salt: str | None = None) -> bytes:
+    """The fingerprint chain's start for one request: the LoRA adapter's identity
+    (``identity.lora_identity``) and cache_salt change every block."""
+    return _h(namespace_digest, (lora or "").encode(), (cache_salt or "").encode())
 
 
 def block_fingerprints(

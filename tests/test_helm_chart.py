@@ -222,8 +222,7 @@ def test_lmcache_values_become_lmcache_variables(rendered):
         "LMCACHE_MAX_LOCAL_CPU_SIZE": "2.0",
         "LMCACHE_LOCAL_DISK": "file:///tmp/lmcache",
         "LMCACHE_MAX_LOCAL_DISK_SIZE": "10.0",  # a string in values.yaml, so not "10"
-        "LMCACHE_ENABLE_P2P": "False",
-        "LMCACHE_MODEL_NAME": "Qwen/Qwen2.5-0.5B-Instruct",
+        "LMCACHE_ENABLE_P2P": "False",  # no LMCACHE_MODEL_NAME: the connector fingerprints the checkpoint
     }
 
 

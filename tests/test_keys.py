@@ -35,7 +35,11 @@ def test_everything_that_changes_kv_changes_the_keys():
     base = fps()[0]
     for field, value in [
         ("model", "other"),
+        ("checkpoint", "revision=;files:0123"),
+        ("quantization", "fp8"),
+        ("model_dtype", "float16"),
         ("kv_dtype", "float16"),
+        ("kv_dtype", "fp8_e5m2"),
         ("kv_layout", "LBNHC"),
         ("page_bytes", 8192),
         ("num_layers", 3),
@@ -44,7 +48,7 @@ def test_everything_that_changes_kv_changes_the_keys():
         ("pp_size", 2),
     ]:
         assert fps(ns=dataclasses.replace(NS, **{field: value}))[0] != base, field
-    assert fps(lora_name="adapter")[0] != base
+    assert fps(lora="adapter")[0] != base
     assert fps(cache_salt="tenant-a")[0] != base
     assert fps(cache_salt="tenant-a")[0] != fps(cache_salt="tenant-b")[0]
     assert NS.rank_digest(0) != NS.rank_digest(1)

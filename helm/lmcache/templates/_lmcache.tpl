@@ -36,7 +36,7 @@ from deployment.model.
     (list "LMCACHE_ENABLE_P2P" $lm.enableP2P "lmcache.enableP2P")
     (list "LMCACHE_LOOKUP_URL" (default $redisUrl $lm.lookupUrl) "lmcache.lookupUrl")
     (list "LMCACHE_DISTRIBUTED_URL" $distributedUrl "lmcache.distributedUrl")
-    (list "LMCACHE_MODEL_NAME" (default .Values.deployment.model $lm.modelName) "lmcache.modelName")
+    (list "LMCACHE_MODEL_NAME" $lm.modelName "lmcache.modelName")
   | toJson }}
 {{- end }}
 
