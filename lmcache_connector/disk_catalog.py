@@ -15,6 +15,9 @@ waits on the disk.
   order survives restarts and is shared by every process using the folder.
 * Start-up reads headers synchronously for up to ``startup_budget_s``, then goes on in the background:
   a large folder never delays the engine's start.
+* ``clear()`` (a cache reset) forgets every chunk at once and deletes this namespace's files in the
+  background; chunks whose write was still in flight are *banned* until their file landed and was
+  deleted too, so nothing written from before a reset can come back through a rescan.
 * Leftovers are cleaned: temporary files of writers that no longer run, and chunk files of ours
   whose header or size is wrong (a truncated or corrupt file is never loaded).
 """
@@ -71,7 +74,9 @@ class DiskCatalog:
         self._entries: dict[bytes, DiskEntry] = {}
         self._by_block: dict[bytes, list[DiskEntry]] = {}
         self._results: queue.SimpleQueue = queue.SimpleQueue()  # ("add", entry) / ("remove", key)
-        self._touches: queue.SimpleQueue = queue.SimpleQueue()
+        self._touches: queue.SimpleQueue = queue.SimpleQueue()  # keys to touch, or ("delete", keys) / ("clear",)
+        self._generation = 0  # results of scans started before the last clear() are ignored
+        self._banned: set[bytes] = set()
         self._stop = threading.Event()
         self.used_bytes = 0  # all of this library's files in the folder, any namespace
         os.makedirs(folder, exist_ok=True)
@@ -101,7 +106,7 @@ class DiskCatalog:
 
     def add(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int) -> None:
         """A chunk this engine just wrote (every rank reported its file)."""
-        if key in self._entries:
+        if key in self._entries or key in self._banned:
             return
         entry = DiskEntry(key, tuple(block_fps), nbytes)
         self._entries[key] = entry
@@ -122,14 +127,39 @@ class DiskCatalog:
         """Mark a chunk as just used (its files' mtime), in the background."""
         self._touches.put(key)
 
+    def clear(self, in_flight: list[bytes] = ()) -> None:
+        """Forget every chunk of this namespace now, and delete their files in the background.
+
+        ``in_flight`` are chunks whose files may still land: they stay banned until :meth:`delete`
+        (after the write) or :meth:`unban` (the write failed).
+        """
+        for key in list(self._entries):
+            self.remove(key)
+        self._banned.update(in_flight)
+        self._generation += 1
+        self._touches.put(("clear", self._generation))
+
+    def delete(self, key: bytes) -> None:
+        """Forget a chunk and delete its files (every rank's), in the background."""
+        self.remove(key)
+        self._touches.put(("delete", key))
+
+    def unban(self, key: bytes) -> None:
+        self._banned.discard(key)
+
     def poll(self) -> None:
         """Apply what the background thread found since the last call."""
         while True:
             try:
-                action, value = self._results.get_nowait()
+                item = self._results.get_nowait()
             except queue.Empty:
                 return
-            if action == "add":
+            action, value, generation = item if len(item) == 3 else (*item, self._generation)
+            if generation != self._generation and action in ("add", "remove"):
+                continue  # found by a scan from before the last clear()
+            if action == "deleted":
+                self._banned.discard(value)
+            elif action == "add":
                 self.add(*value)
             elif action == "remove":
                 self.remove(value)
@@ -142,9 +172,15 @@ class DiskCatalog:
         self._thread.join(timeout=5)
         while True:
             try:
-                self._touch_files(self._touches.get_nowait())
+                command = self._touches.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(command, bytes):
+                self._touch_files(command)
+            elif command[0] == "delete":
+                self._delete_files(command[1])
+            elif command[0] == "clear":
+                self._delete_namespace()
 
     @property
     def stored_bytes(self) -> int:
@@ -154,17 +190,27 @@ class DiskCatalog:
 
     def _run(self, known: set[str]) -> None:
         next_scan = time.monotonic() + self.rescan_interval_s
+        generation = 0
         while not self._stop.is_set():
             try:
-                key = self._touches.get(timeout=0.5)
-                self._touch_files(key)
+                command = self._touches.get(timeout=0.5)
+                if isinstance(command, bytes):
+                    self._touch_files(command)
+                elif command[0] == "delete":
+                    self._delete_files(command[1])
+                    known.discard(command[1].hex())
+                    self._results.put(("deleted", command[1], generation))
+                elif command[0] == "clear":
+                    generation = command[1]
+                    self._delete_namespace()
+                    known = set()
             except queue.Empty:
                 pass
             except Exception:
-                logger.debug("disk catalog: touch failed", exc_info=True)
+                logger.warning("disk catalog: background work on %s failed", self.folder, exc_info=True)
             if time.monotonic() >= next_scan:
                 try:
-                    known = self._scan(deadline=None, known=known)
+                    known = self._scan(deadline=None, known=known, generation=generation)
                 except Exception:
                     logger.warning("disk catalog: rescanning %s failed", self.folder, exc_info=True)
                 next_scan = time.monotonic() + self.rescan_interval_s
@@ -177,10 +223,21 @@ class DiskCatalog:
             except FileNotFoundError:
                 pass
 
+    def _delete_files(self, key: bytes) -> None:
+        for tag in self.rank_tags:
+            _unlink(self._path(tag, key.hex()))
+
+    def _delete_namespace(self) -> None:
+        with os.scandir(self.folder) as it:
+            for item in it:
+                parsed = parse_file_name(item.name)
+                if parsed is not None and parsed[0] == self.namespace_hex[:16] and parsed[1] in self.rank_tags:
+                    _unlink(item.path)
+
     def _path(self, tag: str, key_hex: str) -> str:
         return os.path.join(self.folder, f"{self.namespace_hex[:16]}-{tag}-{key_hex}{SUFFIX}")
 
-    def _scan(self, deadline: float | None, known: set[str] | None = None) -> set[str]:
+    def _scan(self, deadline: float | None, known: set[str] | None = None, generation: int = 0) -> set[str]:
         """List the folder; report new complete chunks of our namespace and vanished ones."""
         known = known or set()
         ranks_by_key: dict[str, set[str]] = {}
@@ -205,14 +262,14 @@ class DiskCatalog:
 
         complete = {k for k, tags in ranks_by_key.items() if len(tags) == len(self.rank_tags)}
         for key_hex in known - complete:
-            self._results.put(("remove", bytes.fromhex(key_hex)))
+            self._results.put(("remove", bytes.fromhex(key_hex), generation))
         added = set()
         for key_hex in complete - known:
             if deadline is not None and time.monotonic() > deadline:
                 continue  # the background rescan picks the rest up
             entry = self._read_entry(key_hex)
             if entry is not None:
-                self._results.put(("add", entry))
+                self._results.put(("add", entry, generation))
                 added.add(key_hex)
         return (known & complete) | added
 

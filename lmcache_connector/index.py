@@ -90,10 +90,11 @@ class ChunkIndex:
     def get(self, key: bytes) -> ChunkEntry | None:
         return self._entries.get(key)
 
-    def evictable_slots(self) -> int:
-        """Slots a new chunk could get now: free ones plus those of unpinned READY chunks."""
+    def evictable_slots(self, excluding: set[bytes] = frozenset()) -> int:
+        """Slots a new chunk could get now: free ones plus those of unpinned READY chunks (other
+        than the ``excluding`` keys, which the caller is about to pin)."""
         return len(self._free_slots) + sum(
-            1 for e in self._entries.values() if e.state is ChunkState.READY and e.pins == 0
+            1 for e in self._entries.values() if e.state is ChunkState.READY and e.pins == 0 and e.key not in excluding
         )
 
     def lookup(self, fps: list[bytes]) -> list[ChunkPiece]:
@@ -127,6 +128,13 @@ class ChunkIndex:
     def stored_bytes(self) -> int:
         """Bytes of KV held by stored chunks (a partial chunk counts only its blocks)."""
         return self._stored_blocks * self.block_bytes
+
+    def recount_bytes(self) -> int:
+        """``stored_bytes`` recomputed from the entries (a consistency check for tests)."""
+        return sum(e.num_blocks for e in self._entries.values()) * self.block_bytes
+
+    def pinned_entries(self) -> list[ChunkEntry]:
+        return [e for e in self._entries.values() if e.pins]
 
     @property
     def pinned(self) -> int:
@@ -197,8 +205,14 @@ class ChunkIndex:
             self._remove(entry)
 
     def clear(self) -> None:
-        for entry in [e for e in self._entries.values() if e.pins == 0]:
-            self._remove(entry)
+        """Forget every chunk: unpinned ones now; pinned or in-flight ones can no longer be found
+        and are removed when their last pin goes (a reader planned before the clear still reads
+        bytes that were valid when it was planned)."""
+        for entry in list(self._entries.values()):
+            if entry.pins == 0:
+                self._remove(entry)
+            else:
+                entry.state = ChunkState.DOOMED
 
     # ------------------------------------------------------------ eviction
 

@@ -25,9 +25,9 @@ from ..config import describe, load_config
 from ..logs import configure_logging
 from ..metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
 from .geometry import compute_geometry
-from .metadata import StepPlan
+from .metadata import FAILED_SLOT, LoadSpec, StepPlan
 from .scheduler import SchedulerSide
-from .worker import WorkerSide
+from .worker import WorkerSide, vllm_rank
 
 if TYPE_CHECKING:
     import torch
@@ -68,9 +68,23 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     _cache_hit_source = CacheHitSource.HOST
 
-    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+        worker_rank: tuple[int, int] | None = None,
+    ):
+        """``worker_rank`` (tensor-parallel, pipeline-parallel) defaults to vLLM's parallel state;
+        tests pass it to run several worker ranks in one process."""
         super().__init__(vllm_config, role, kv_cache_config)
         self._reported_errors: set[str] = set()
+        # Blocks promised to vLLM this step, per request (kept apart from the scheduler half, so
+        # they can still be reported as load errors when that half fails).
+        self._asked: dict[str, int] = {}
+        self._promised: dict[str, list[int]] = {}
+        self._failed_promises: dict[str, list[int]] = {}
+        self._fallback_steps = 0
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = load_config(os.environ, extra)
         configure_logging(self.config.log_level)
@@ -85,7 +99,7 @@ class LMCacheConnector(KVConnectorBase_V1):
             self._scheduler = SchedulerSide(self.config, self.geometry)
             self._log_start()
         else:
-            self._worker = WorkerSide(self.config, self.geometry)
+            self._worker = WorkerSide(self.config, self.geometry, worker_rank or vllm_rank())
 
     def _log_start(self) -> None:
         g = self.geometry
@@ -107,6 +121,18 @@ class LMCacheConnector(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a best-effort cache: a dropped store is a future miss
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any = None) -> bool:
+        """vLLM 0.33's sleep mode frees and re-creates the KV cache under the worker's byte views of
+        it; this connector does not re-register them, so it says no (vLLM then keeps sleep mode off).
+        Weight updates are covered by ``reset_cache``, which vLLM calls after them."""
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """Bookkeeping of this process's half (pins, in-flight jobs, slots), for tests and debugging."""
+        half = self._scheduler or self._worker
+        return half.state()
 
     # ============================================================ statistics (both sides)
 
@@ -151,35 +177,87 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     @_shielded(_miss)
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._asked[request.request_id] = num_computed_tokens
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def _no_load(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        return None
+    def _remember_promise(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> list[int]:
+        """The blocks vLLM now counts as computed because of this connector's answer."""
+        if num_external_tokens <= 0:
+            self._promised.pop(request.request_id, None)
+            return []
+        bs = self.geometry.block_size
+        local = self._asked.get(request.request_id, 0)
+        ids = blocks.get_block_ids()[0][local // bs : -(-(local + num_external_tokens) // bs)]
+        self._promised[request.request_id] = list(ids)
+        return list(ids)
 
-    @_shielded(_no_load)
+    def _fail_promise(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        # vLLM counts the promised blocks as computed: report every one as a load error.
+        promised = self._promised.get(request.request_id)
+        if promised:
+            self._failed_promises[request.request_id] = promised
+
+    @_shielded(_fail_promise)
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        self._remember_promise(request, blocks, num_external_tokens)
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
-    def _empty_plan(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return StepPlan(step=-1)
+    def _failed_plan(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        # Nothing of this step's plan is trustworthy: every block promised this step is a load error.
+        try:
+            self._scheduler.abandon_step()
+        except Exception:
+            logger.exception("lmcache_connector: releasing a failed step's pins failed")
+        self._fallback_steps -= 1  # distinct from every real step, and from earlier fallbacks
+        plan = StepPlan(step=self._fallback_steps)
+        for req_id, block_ids in {**self._promised, **self._failed_promises}.items():
+            plan.loads[req_id] = [LoadSpec(FAILED_SLOT, 0, block_ids)]
+        self._promised.clear()
+        self._failed_promises.clear()
+        self._asked.clear()
+        return plan
 
-    @_shielded(_empty_plan)
+    @_shielded(_failed_plan)
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler.build_connector_meta(scheduler_output)
+        plan = self._scheduler.build_connector_meta(scheduler_output)
+        for req_id, block_ids in self._failed_promises.items():
+            plan.loads[req_id] = [LoadSpec(FAILED_SLOT, 0, block_ids)]
+        self._promised.clear()
+        self._failed_promises.clear()
+        self._asked.clear()
+        return plan
 
     def _ignore(self, *args: Any, **kwargs: Any) -> None:
         return None
 
     @_shielded(_ignore)
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        if self._scheduler is not None:
-            self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
+        if self._scheduler is None:
+            return
+        self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
+        if connector_output.invalid_block_ids:
+            self._uncache_failed_blocks(connector_output.invalid_block_ids)
+
+    def _uncache_failed_blocks(self, invalid: set[int]) -> None:
+        """Take blocks whose load failed (and every later block of their requests) out of vLLM's
+        prefix cache.
+
+        vLLM caches a synchronous load's blocks when it allocates them. Under the ``recompute``
+        policy it keeps them cached and counts on the request recomputing them in place; if the
+        request is preempted or aborted first, a later request would get the never-written bytes
+        (or KV computed over them) as a prefix-cache hit. Under ``fail`` vLLM evicts them itself.
+        """
+        manager = self._kv_cache_manager
+        if manager is None or self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            return
+        manager.evict_blocks(self._scheduler.blocks_computed_from(invalid))
 
     def _keep_nothing(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return False, None
 
     @_shielded(_keep_nothing)
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._asked.pop(request.request_id, None)
         if self._scheduler is not None:
             self._scheduler.request_finished(request)
         return False, None
@@ -200,9 +278,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     def _fail_loads(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._connector_metadata
         if isinstance(plan, StepPlan):
-            for specs in plan.loads.values():
-                for spec in specs:
-                    self._worker._load_errors.update(spec.block_ids)
+            self._worker.abort_loads(plan)
 
     @_shielded(_fail_loads)
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -216,7 +292,12 @@ class LMCacheConnector(KVConnectorBase_V1):
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return None  # stores copy whole blocks of all layers at once in wait_for_save
 
-    @_shielded(_ignore)
+    def _fail_stores(self) -> None:
+        plan = self._connector_metadata
+        if isinstance(plan, StepPlan):
+            self._worker.abort_stores(plan)
+
+    @_shielded(_fail_stores)
     def wait_for_save(self) -> None:
         plan = self._connector_metadata
         if isinstance(plan, StepPlan):

@@ -1,10 +1,12 @@
 """Finding a prompt's longest stored prefix across the memory tier and the disk tier.
 
 Chunk by chunk, the tier whose stored chunk covers more leading blocks wins (memory on a tie: it is
-faster and needs no promotion). The prefix ends at the first chunk no tier covers fully. A chunk
-found only on disk is promoted into a memory slot to be loaded, so at most ``max_promotions``
-disk chunks are used, as many as the memory tier could free slots for: a hit is never promised that
-the memory tier has no room to stage.
+faster and needs no promotion). The prefix ends at the first chunk no tier covers fully.
+
+A chunk found only on disk is promoted into a memory slot to be loaded, so a hit is never promised
+that the memory tier cannot stage: the number of promotions is capped by the slots a new chunk
+could take *without evicting a chunk this same lookup reads from memory* (those are pinned before
+any promotion is made). The prefix is cut before the first promotion over that budget.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..disk_catalog import DiskCatalog, DiskEntry
-from ..index import ChunkEntry, ChunkIndex
+from ..index import ChunkEntry, ChunkIndex, ChunkState
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,11 @@ def find_pieces(
     blocks_per_chunk: int,
     index: ChunkIndex,
     catalog: DiskCatalog | None,
+    local_blocks: int = 0,
 ) -> list[Piece]:
+    """The pieces covering the prompt's longest stored prefix. ``local_blocks`` leading blocks vLLM
+    already holds: pieces that end inside them are not loaded, so they need no slot."""
     pieces: list[Piece] = []
-    promotions = 0
-    max_promotions = None  # counted on first need: it walks the memory index
     for chunk in range((len(fps) + blocks_per_chunk - 1) // blocks_per_chunk):
         block_fps = fps[chunk * blocks_per_chunk : (chunk + 1) * blocks_per_chunk]
         best = None
@@ -41,15 +44,31 @@ def find_pieces(
         if in_memory is not None:
             best = Piece(chunk, "memory", *in_memory)
         on_disk = catalog.best_piece(block_fps) if catalog is not None else None
+        if on_disk is not None and _unpromotable(index, on_disk[0].key):
+            on_disk = None
         if on_disk is not None and (best is None or on_disk[1] > best.num_blocks):
-            if max_promotions is None:
-                max_promotions = index.evictable_slots()
-            if promotions < max_promotions:
-                best = Piece(chunk, "disk", *on_disk)
+            best = Piece(chunk, "disk", *on_disk)
         if best is None:
             break
-        promotions += best.tier == "disk"
         pieces.append(best)
         if best.num_blocks < len(block_fps):
             break
-    return pieces
+    return _within_promotion_budget(pieces, index, blocks_per_chunk, local_blocks)
+
+
+def _within_promotion_budget(pieces: list[Piece], index: ChunkIndex, bpc: int, local_blocks: int) -> list[Piece]:
+    loaded = [i for i, piece in enumerate(pieces) if piece.chunk * bpc + piece.num_blocks > local_blocks]
+    promotions = [i for i in loaded if pieces[i].tier == "disk" and pieces[i].entry.key not in index]
+    if not promotions:
+        return pieces
+    own = {pieces[i].entry.key for i in loaded if pieces[i].tier == "memory"}
+    budget = index.evictable_slots(excluding=own)
+    if len(promotions) <= budget:
+        return pieces
+    return pieces[: promotions[budget]]
+
+
+def _unpromotable(index: ChunkIndex, key: bytes) -> bool:
+    """A chunk the memory tier holds as DOOMED (pinned, being removed) cannot be promoted again yet."""
+    entry = index.get(key)
+    return entry is not None and entry.state is ChunkState.DOOMED

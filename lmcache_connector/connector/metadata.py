@@ -1,13 +1,23 @@
 """What the two halves of the connector tell each other, once per engine step.
 
-scheduler -> worker: :class:`StepPlan` (inside ``SchedulerOutput.kv_connector_metadata``): which
-slot ranges to copy into which blocks before the forward (loads), and which blocks to copy into
-which slots after it (stores).
+scheduler -> worker: :class:`StepPlan` (inside ``SchedulerOutput.kv_connector_metadata``), run by
+every worker in this order:
 
-worker -> scheduler: :class:`WorkerReport` (``KVConnectorOutput.kv_connector_worker_meta``): which
-stores and load steps finished or failed. vLLM merges the reports of all workers with
-``aggregate``; the scheduler acts on a store only when every worker has reported it, because each
-rank holds its own shard of the chunk.
+1. ``fills`` — before anything else, fill memory-pool slots from a secondary tier (a promotion
+   from disk). Every slot handed out this step (``new_slots``: to a fill or a store, even one the
+   scheduler then dropped) is invalid on the worker until its fill or store completes, so a load
+   can never read what an evicted chunk left behind.
+2. ``loads`` — copy slot ranges into the request's blocks, before the forward. A load whose slot
+   is :data:`FAILED_SLOT` (the plan could not cover what vLLM was promised) only reports its
+   blocks as load errors.
+3. ``stores`` — after the forward, copy the blocks of each new chunk into its slot. A store is
+   dropped when any block it was computed from (``prefix_blocks[req][:spec.end_block]``) failed to
+   load in this step: it would hold KV computed by attention over wrong bytes.
+
+worker -> scheduler: :class:`WorkerReport` (``KVConnectorOutput.kv_connector_worker_meta``): per job,
+how many ranks finished it and how many failed it. vLLM merges the reports of all workers with
+``aggregate`` (counts add up), and the scheduler resolves a job only when every rank has reported
+(:class:`~lmcache_connector.connector.ledger.ReportLedger`).
 
 Plain dataclasses of ints and lists: they are pickled across processes every step.
 """
@@ -19,14 +29,19 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
+# A load spec with this slot tells the worker to report its blocks as failed.
+FAILED_SLOT = -1
+
 
 @dataclass
-class DiskRead:
-    """Before the load, fill the slot from this chunk's file (a promotion from disk to memory)."""
+class Fill:
+    """Before any load, fill ``slot`` from the chunk's file (a promotion from disk to memory)."""
 
+    store_id: int  # reported like a store into the slot
+    slot: int
+    req_id: str  # the request whose lookup asked for it (its later fills are skipped after a failure)
     key: str  # hex
     block_fps: list[str]  # hex, every block boundary of the chunk
-    store_id: int  # the promotion is reported like a store into the slot
 
 
 @dataclass
@@ -36,7 +51,6 @@ class LoadSpec:
     slot: int
     first_block: int
     block_ids: list[int]
-    disk: DiskRead | None = None
 
 
 @dataclass
@@ -49,43 +63,53 @@ class DiskWrite:
 
 @dataclass
 class StoreSpec:
-    """Copy ``block_ids`` into the first ``len(block_ids)`` blocks of ``slot``."""
+    """Copy ``block_ids`` into the first ``len(block_ids)`` blocks of ``slot``.
+
+    ``end_block`` is the chunk's end as an index into the request's blocks: the chunk's KV was
+    computed from the request's blocks ``[0, end_block)``.
+    """
 
     store_id: int
     slot: int
     block_ids: list[int]
+    end_block: int
     disk: DiskWrite | None = None
 
 
 @dataclass
 class StepPlan(KVConnectorMetadata):
     step: int
+    fills: list[Fill] = field(default_factory=list)
     loads: dict[str, list[LoadSpec]] = field(default_factory=dict)  # request id -> loads, in prompt order
     stores: dict[str, list[StoreSpec]] = field(default_factory=dict)  # request id -> stores
+    prefix_blocks: dict[str, list[int]] = field(default_factory=dict)  # request id -> its blocks up to its last store
+    new_slots: list[int] = field(default_factory=list)  # every slot handed out this step, sent or not
 
 
 @dataclass
 class WorkerReport(KVConnectorWorkerMetadata):
-    stored: Counter = field(default_factory=Counter)  # store id -> workers that finished it
-    failed_stores: set[int] = field(default_factory=set)
-    load_steps: Counter = field(default_factory=Counter)  # step -> workers that ran its loads
+    stored: Counter = field(default_factory=Counter)  # store/fill id -> ranks that finished it
+    failed_stores: Counter = field(default_factory=Counter)  # store/fill id -> ranks that failed it
+    load_steps: Counter = field(default_factory=Counter)  # step -> ranks that ran its loads
     failed_load_slots: set[int] = field(default_factory=set)
-    disk_written: Counter = field(default_factory=Counter)  # store id -> workers whose file is written
-    disk_failed: set[int] = field(default_factory=set)
+    disk_written: Counter = field(default_factory=Counter)  # store id -> ranks whose file is written
+    disk_failed: Counter = field(default_factory=Counter)  # store id -> ranks whose file failed
     disk_gone: set[bytes] = field(default_factory=set)  # chunk keys whose file was evicted or found bad
     disk_disabled: bool = False
+    worker_disabled: bool = False  # a rank cannot move bytes at all (e.g. unusable KV layout)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> WorkerReport:
         assert isinstance(other, WorkerReport)
         return WorkerReport(
             stored=self.stored + other.stored,
-            failed_stores=self.failed_stores | other.failed_stores,
+            failed_stores=self.failed_stores + other.failed_stores,
             load_steps=self.load_steps + other.load_steps,
             failed_load_slots=self.failed_load_slots | other.failed_load_slots,
             disk_written=self.disk_written + other.disk_written,
-            disk_failed=self.disk_failed | other.disk_failed,
+            disk_failed=self.disk_failed + other.disk_failed,
             disk_gone=self.disk_gone | other.disk_gone,
             disk_disabled=self.disk_disabled or other.disk_disabled,
+            worker_disabled=self.worker_disabled or other.worker_disabled,
         )
 
     def __bool__(self) -> bool:
@@ -98,4 +122,5 @@ class WorkerReport(KVConnectorWorkerMetadata):
             or self.disk_failed
             or self.disk_gone
             or self.disk_disabled
+            or self.worker_disabled
         )

@@ -4,37 +4,41 @@ Per request it keeps the prompt's block fingerprints and the vLLM block ids it w
 
 * ``get_num_new_matched_tokens`` — the longest stored prefix at vLLM-block granularity (memory
   tier, then disk tier), less what vLLM already has locally; at most ``num_tokens - 1`` so one token
-  is left to compute.
-* ``update_state_after_alloc`` — turns that hit into load specs (slot ranges -> block ids) and pins
-  the chunks they read. A chunk found only on disk gets a memory slot and is read into it first
-  (a promotion), so the next hit is served from memory.
-* ``build_connector_meta`` — emits the loads, and a store for every chunk of prompt blocks that
-  this step completes and the memory tier does not hold yet (the final partial chunk too, unless
-  ``save_unfull_chunk`` is off). With a disk tier, each new chunk is also written to disk in the
-  background; its memory slot stays pinned until the file is written.
-* ``update_connector_output`` — applies the workers' reports: stores confirmed by every worker
-  become READY, failed ones free their slot, load steps unpin their chunks, chunks that failed to
-  load are forgotten, written files enter the disk catalog, evicted or bad ones leave it.
+  is left to compute. Promotions from disk are capped by the slots the memory tier can stage.
+* ``update_state_after_alloc`` — turns that hit into load specs (slot ranges -> block ids). Every
+  memory chunk the load reads is pinned *before* any promotion is made, so a promotion never
+  evicts a chunk the same request is about to load. A chunk found only on disk gets a memory slot
+  and a fill (read into the slot first), so the next hit is served from memory.
+* ``build_connector_meta`` — emits the fills, the loads, and a store for every chunk of prompt
+  blocks that this step completes and the memory tier does not hold yet (the final partial chunk
+  too, unless ``save_unfull_chunk`` is off). With a disk tier, each new chunk is also written to
+  disk in the background; its memory slot stays pinned until every rank wrote its file.
+* ``update_connector_output`` — applies the workers' reports through one ledger per kind of job:
+  a store, fill or disk write is resolved only once *every* rank reported it (done or failed), so a
+  slot is never released while a rank may still copy into or write from it.
 
 Only the prompt is cached (as LMCache does by default): decode tokens vary from request to request.
+Requests with prompt embeddings are never cached: their placeholder token ids do not say what the
+embeddings were.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import LMCacheConfig
 from ..disk_catalog import DiskCatalog
+from ..identity import lora_identity
 from ..index import ChunkIndex, ChunkState
 from ..keys import MultimodalItem, block_fingerprints, request_root
 from ..stats import Counters
 from ..tiers.disk_format import rank_tag
 from .geometry import Geometry
+from .ledger import ReportLedger
 from .lookup import Piece, find_pieces
-from .metadata import DiskRead, DiskWrite, LoadSpec, StepPlan, StoreSpec, WorkerReport
+from .metadata import FAILED_SLOT, DiskWrite, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -42,10 +46,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger("lmcache_connector")
-
-# A load spec with this slot tells the worker to report its blocks as failed: used when the plan
-# cannot cover what vLLM was promised, so vLLM recomputes instead of reading stale blocks.
-FAILED_SLOT = -1
 
 
 @dataclass
@@ -58,9 +58,17 @@ class _RequestState:
     lookup: list[Piece] = field(default_factory=list)
     lookup_local_tokens: int = 0
     hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # the last load's tokens per tier
+    pending_fills: list[Fill] = field(default_factory=list)
     pending_loads: list[LoadSpec] = field(default_factory=list)
     pending_pins: list[bytes] = field(default_factory=list)
     next_chunk: int = 0  # chunks before this one are stored or known to the index
+
+
+@dataclass
+class _Store:
+    key: bytes
+    req_id: str | None  # the request whose blocks are stored; None for a fill
+    chunk: int
 
 
 @dataclass
@@ -83,16 +91,22 @@ class SchedulerSide:
         self.stats = SchedulerStats()
         self.counters = Counters()
         self.counters.set_gauge("capacity_bytes.memory", geometry.num_slots * geometry.slot_bytes)
+        self.disabled = False  # a worker cannot move bytes: no more matching or storing
         self._evictions_seen = 0
         self._requests: dict[str, _RequestState] = {}
         self._step = 0
         self._next_store_id = 0
-        self._inflight_stores: dict[int, bytes] = {}  # store id -> chunk key
-        self._store_reports: Counter = Counter()
+        world = geometry.world_size
+        self._stores = ReportLedger(world)  # stores and fills into memory slots
+        self._store_jobs: dict[int, _Store] = {}
+        self._load_steps = ReportLedger(world)
         self._load_pins: dict[int, list[tuple[str, bytes]]] = {}  # step -> (request, chunk) its loads read
-        self._load_reports: Counter = Counter()
-        self._inflight_disk: dict[int, tuple[bytes, tuple[bytes, ...]]] = {}  # store id -> chunk being written
-        self._disk_reports: Counter = Counter()
+        self._load_failed_slots: dict[int, set[int]] = {}
+        self._disk_writes_ledger = ReportLedger(world)
+        self._disk_jobs: dict[int, tuple[bytes, tuple[bytes, ...]]] = {}  # store id -> chunk being written
+        self._disk_doomed: set[int] = set()  # disk writes started before a reset: deleted when they land
+        self._new_slots: list[int] = []  # slots handed out since the last plan (the worker invalidates them)
+        self._building: tuple[StepPlan, list[tuple[str, bytes]]] | None = None
         self.disk: DiskCatalog | None = self._open_disk()
         self._disk_writes = self.disk is not None
 
@@ -124,15 +138,15 @@ class SchedulerSide:
         state = self._state_for(request)
         self.stats.lookups += 1
         self.counters.add("lookups")
-        if not state.cacheable or not (len(self.index) or (self.disk is not None and len(self.disk))):
-            state.lookup = []
+        state.lookup = []
+        state.lookup_local_tokens = num_computed_tokens
+        if self.disabled or not state.cacheable or not (len(self.index) or (self.disk is not None and len(self.disk))):
             return 0, False
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
-        pieces = find_pieces(state.fps, bpc, self.index, self.disk)
+        pieces = find_pieces(state.fps, bpc, self.index, self.disk, num_computed_tokens // bs)
         hit_blocks = pieces[-1].chunk * bpc + pieces[-1].num_blocks if pieces else 0
         hit_tokens = min(hit_blocks * bs, request.num_tokens - 1)
         state.lookup = pieces
-        state.lookup_local_tokens = num_computed_tokens
         self.stats.requested_tokens += max(0, request.num_tokens - num_computed_tokens)
         return max(0, hit_tokens - num_computed_tokens), False
 
@@ -145,10 +159,11 @@ class SchedulerSide:
 
     def _new_state(self, request: Request) -> _RequestState:
         tokens = request.prompt_token_ids
-        if tokens is None:  # prompt embeddings: no token ids to key on
+        if tokens is None or getattr(request, "prompt_embeds", None) is not None:
+            # Prompt embeddings (alone or mixed with token ids): the ids are placeholders, so two
+            # prompts with different embeddings would share keys. Never cached.
             return _RequestState(request.request_id, request.num_prompt_tokens, [], cacheable=False)
-        lora = request.lora_request.lora_name if request.lora_request else None
-        root = request_root(self.namespace_digest, lora, request.cache_salt)
+        root = request_root(self.namespace_digest, lora_identity(request.lora_request), request.cache_salt)
         mm_items = [
             MultimodalItem(f.identifier, f.mm_position.offset, f.mm_position.length)
             for f in (request.mm_features or ())
@@ -161,6 +176,8 @@ class SchedulerSide:
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
         if state is None:
+            if num_external_tokens > 0:
+                raise RuntimeError(f"request {request.request_id} was promised a hit that was never looked up")
             return
         self._release_pending(state)
         state.hit_tokens_by_tier = {}
@@ -172,6 +189,9 @@ class SchedulerSide:
         first = state.lookup_local_tokens // bs
         end_token = state.lookup_local_tokens + num_external_tokens
         end = -(-end_token // bs)
+
+        # The pieces of the lookup this load reads, in prompt order, contiguous from ``first``.
+        wanted: list[tuple[Piece, int, int]] = []
         covered = first
         for piece in state.lookup:
             lo = max(first, piece.chunk * bpc)
@@ -180,12 +200,29 @@ class SchedulerSide:
                 continue
             if lo != covered:
                 break
-            spec = self._load_spec(piece, lo - piece.chunk * bpc, block_ids[lo:hi])
+            wanted.append((piece, lo, hi))
+            covered = hi
+
+        # Pin every chunk already in memory first: the promotions below may evict, never these.
+        usable = 0
+        for piece, _, _ in wanted:
+            entry = self.index.get(piece.entry.key)
+            if entry is None or entry.state is ChunkState.DOOMED:
+                if piece.tier == "memory":
+                    break  # evicted since the lookup: the hit ends here
+                continue  # a promotion, made below
+            if piece.tier == "memory" and entry is not piece.entry:
+                break
+            self.index.pin([entry.key])
+            state.pending_pins.append(entry.key)
+            usable += 1
+
+        covered = first
+        for piece, lo, hi in wanted:
+            spec = self._load_spec(state, piece, lo - piece.chunk * bpc, block_ids[lo:hi])
             if spec is None:
                 break
             state.pending_loads.append(spec)
-            state.pending_pins.append(piece.entry.key)
-            self.index.pin([piece.entry.key])
             tokens = min(hi * bs, end_token) - lo * bs
             state.hit_tokens_by_tier[piece.tier] = state.hit_tokens_by_tier.get(piece.tier, 0) + tokens
             covered = hi
@@ -200,31 +237,38 @@ class SchedulerSide:
             self.counters.add(f"hit_tokens.{tier}", tokens)
         self.stats.disk_hit_tokens += state.hit_tokens_by_tier.get("disk", 0)
 
-    def _load_spec(self, piece: Piece, first_block: int, block_ids: list[int]) -> LoadSpec | None:
+    def _load_spec(self, state: _RequestState, piece: Piece, first_block: int, block_ids: list[int]) -> LoadSpec | None:
         key = piece.entry.key
         if self.disk is not None and key in self.disk:
             self.disk.touch(key)  # recency on disk follows use, in memory or not
         in_memory = self.index.get(key)
-        if piece.tier == "memory" or in_memory is not None:
-            # (A disk chunk another request of this step already promoted is read from its slot.)
-            if in_memory is None or in_memory.state is ChunkState.DOOMED:
-                return None
-            if piece.tier == "memory" and in_memory is not piece.entry:
-                return None
+        if in_memory is not None:
+            # Pinned above (in memory at the lookup, or promoted by an earlier request of this step).
+            if key not in state.pending_pins:
+                if in_memory.state is ChunkState.DOOMED or piece.tier == "memory":
+                    return None
+                self.index.pin([key])
+                state.pending_pins.append(key)
             self.index.touch(key)
             return LoadSpec(in_memory.slot, first_block, block_ids)
-        # A promotion: stage the chunk from its file into a memory slot, then load from there.
+        if piece.tier == "memory":
+            return None
+        # A promotion: fill a memory slot from the chunk's file, then load from there.
         slot = self.index.prepare_store(key, piece.entry.block_fps)
         if slot is None:
             return None
-        store_id = self._new_store_id(key)
-        read = DiskRead(key.hex(), [fp.hex() for fp in piece.entry.block_fps], store_id)
-        return LoadSpec(slot, first_block, block_ids, disk=read)
+        self._new_slots.append(slot)
+        store_id = self._new_job(_Store(key, None, piece.chunk))
+        state.pending_fills.append(
+            Fill(store_id, slot, state.req_id, key.hex(), [fp.hex() for fp in piece.entry.block_fps])
+        )
+        return LoadSpec(slot, first_block, block_ids)
 
-    def _new_store_id(self, key: bytes) -> int:
+    def _new_job(self, job: _Store) -> int:
         store_id = self._next_store_id
         self._next_store_id += 1
-        self._inflight_stores[store_id] = key
+        self._store_jobs[store_id] = job
+        self._stores.expect(store_id)
         return store_id
 
     def hit_tokens_by_tier(self, request: Request) -> dict[str, int]:
@@ -233,8 +277,11 @@ class SchedulerSide:
         return dict(state.hit_tokens_by_tier) if state is not None else {}
 
     def _release_pending(self, state: _RequestState) -> None:
+        """Drop a load plan that will not be sent: its fills fail (slots freed), its pins go."""
+        for fill in state.pending_fills:
+            self._resolve_store(fill.store_id, ok=False)
         self.index.unpin(state.pending_pins)
-        state.pending_loads, state.pending_pins = [], []
+        state.pending_fills, state.pending_loads, state.pending_pins = [], [], []
 
     # ------------------------------------------------------------ the step plan
 
@@ -244,6 +291,7 @@ class SchedulerSide:
             self.disk.poll()
         plan = StepPlan(step=self._step)
         step_pins: list[tuple[str, bytes]] = []
+        self._building = (plan, step_pins)  # what abandon_step() releases if this step fails midway
         scheduled = scheduler_output.num_scheduled_tokens
 
         for new_req in scheduler_output.scheduled_new_reqs:
@@ -270,21 +318,34 @@ class SchedulerSide:
 
         # Loads planned for requests that were not scheduled after all must not keep their pins.
         for state in self._requests.values():
-            if state.pending_loads:
-                self._fail_unsent_promotions(state)
+            if state.pending_loads or state.pending_fills or state.pending_pins:
                 self._release_pending(state)
 
         if plan.loads:
             self._load_pins[plan.step] = step_pins
+            self._load_steps.expect(plan.step)
+        plan.new_slots, self._new_slots = self._new_slots, []  # this step's lookups and stores
+        self._building = None
         self._update_gauges()
         return plan
 
-    def _fail_unsent_promotions(self, state: _RequestState) -> None:
-        for spec in state.pending_loads:
-            if spec.disk is not None:
-                key = self._inflight_stores.pop(spec.disk.store_id, None)
-                if key is not None:
-                    self.index.complete_store(key, ok=False)
+    def abandon_step(self) -> None:
+        """``build_connector_meta`` failed midway: release what this step pinned or prepared."""
+        building, self._building = self._building, None
+        self._new_slots = []  # released below; the next plan that reuses them lists them again
+        if building is not None:
+            plan, step_pins = building
+            for fill in plan.fills:
+                self._resolve_store(fill.store_id, ok=False)
+            for specs in plan.stores.values():
+                for spec in specs:
+                    self._resolve_store(spec.store_id, ok=False)
+                    if spec.store_id in self._disk_jobs:
+                        self._disk_writes_ledger.forget(spec.store_id)
+                        self.index.unpin([self._disk_jobs.pop(spec.store_id)[0]])
+            self.index.unpin([key for _, key in step_pins])
+        for state in self._requests.values():
+            self._release_pending(state)
 
     def _update_gauges(self) -> None:
         evictions = self.index.stats.evictions
@@ -299,10 +360,11 @@ class SchedulerSide:
         self, plan: StepPlan, step_pins: list[tuple[str, bytes]], state: _RequestState, computed_after: int
     ) -> None:
         if state.pending_loads:
+            plan.fills.extend(state.pending_fills)
             plan.loads[state.req_id] = state.pending_loads
             step_pins.extend((state.req_id, key) for key in state.pending_pins)
-            state.pending_loads, state.pending_pins = [], []
-        if not state.cacheable:
+            state.pending_fills, state.pending_loads, state.pending_pins = [], [], []
+        if not state.cacheable or self.disabled:
             return
         bpc = self.geometry.blocks_per_chunk
         done_blocks = min(computed_after, state.prompt_len) // self.geometry.block_size
@@ -315,6 +377,9 @@ class SchedulerSide:
                 break
             state.next_chunk += 1
             self._plan_store(plan, state, start, count)
+        if state.req_id in plan.stores:
+            end = max(spec.end_block for spec in plan.stores[state.req_id])
+            plan.prefix_blocks[state.req_id] = state.block_ids[:end]
 
     def _plan_store(self, plan: StepPlan, state: _RequestState, start: int, count: int) -> None:
         block_fps = tuple(state.fps[start : start + count])
@@ -326,13 +391,15 @@ class SchedulerSide:
         if slot is None:
             self.counters.add("dropped_stores")
             return
-        store_id = self._new_store_id(key)
-        spec = StoreSpec(store_id, slot, state.block_ids[start : start + count])
+        self._new_slots.append(slot)
+        store_id = self._new_job(_Store(key, state.req_id, start // self.geometry.blocks_per_chunk))
+        spec = StoreSpec(store_id, slot, state.block_ids[start : start + count], end_block=start + count)
         if self._disk_writes and key not in self.disk:
-            # The background writer reads the slot: keep the chunk pinned until the file is written.
+            # The background writers read the slot: keep the chunk pinned until every file is written.
             spec.disk = DiskWrite(key.hex(), [fp.hex() for fp in block_fps])
             self.index.pin([key])
-            self._inflight_disk[store_id] = (key, block_fps)
+            self._disk_jobs[store_id] = (key, block_fps)
+            self._disk_writes_ledger.expect(store_id)
         plan.stores.setdefault(state.req_id, []).append(spec)
 
     # ------------------------------------------------------------ worker reports
@@ -340,50 +407,61 @@ class SchedulerSide:
     def update_connector_output(self, report: Any) -> None:
         if not isinstance(report, WorkerReport):
             return
-        world = self.geometry.world_size
-        for store_id in report.failed_stores:
-            key = self._inflight_stores.pop(store_id, None)
-            self._store_reports.pop(store_id, None)
-            if key is not None:
-                self.index.complete_store(key, ok=False)
+        for store_id, count in report.failed_stores.items():
+            outcome = self._stores.report(store_id, ok=False, count=count)
+            if outcome is not None:
+                self._resolve_store(store_id, outcome)
         for store_id, count in report.stored.items():
-            if store_id not in self._inflight_stores:
-                continue
-            self._store_reports[store_id] += count
-            if self._store_reports[store_id] >= world:
-                del self._store_reports[store_id]
-                self.index.complete_store(self._inflight_stores.pop(store_id), ok=True)
-                self.stats.stored_chunks += 1
+            outcome = self._stores.report(store_id, ok=True, count=count)
+            if outcome is not None:
+                self._resolve_store(store_id, outcome)
         for step, count in report.load_steps.items():
-            self._load_reports[step] += count
-            if self._load_reports[step] >= world:
-                del self._load_reports[step]
+            self._load_failed_slots.setdefault(step, set()).update(report.failed_load_slots)
+            if self._load_steps.report(step, ok=True, count=count) is not None:
                 pins = self._load_pins.pop(step, [])
-                if report.failed_load_slots:
-                    self._discard_failed(pins, report.failed_load_slots)
+                failed_slots = self._load_failed_slots.pop(step, set())
+                if failed_slots:
+                    self._discard_failed(pins, failed_slots)
                 self.index.unpin([key for _, key in pins])
         self._apply_disk_report(report)
+        if report.worker_disabled and not self.disabled:
+            self._disable()
+
+    def _resolve_store(self, store_id: int, ok: bool) -> None:
+        """Every rank reported a store or fill (or it was never sent): the chunk is READY or gone."""
+        self._stores.forget(store_id)
+        job = self._store_jobs.pop(store_id, None)
+        if job is None:
+            return
+        self.index.complete_store(job.key, ok=ok)
+        if ok:
+            self.stats.stored_chunks += job.req_id is not None
+            return
+        state = self._requests.get(job.req_id) if job.req_id is not None else None
+        if state is not None:
+            # Stored again once its blocks are computed again (e.g. after vLLM recomputed them).
+            state.next_chunk = min(state.next_chunk, job.chunk)
 
     def _apply_disk_report(self, report: WorkerReport) -> None:
         if report.disk_disabled and self._disk_writes:
             self._disk_writes = False  # the worker logged why; loads from disk go on
-        for store_id in report.disk_failed:
-            written = self._inflight_disk.pop(store_id, None)
-            self._disk_reports.pop(store_id, None)
-            if written is not None:
-                self.index.unpin([written[0]])
-        for store_id, count in report.disk_written.items():
-            if store_id not in self._inflight_disk:
+        outcomes = [(i, False, n) for i, n in report.disk_failed.items()]
+        outcomes += [(i, True, n) for i, n in report.disk_written.items()]
+        for store_id, ok, count in outcomes:
+            outcome = self._disk_writes_ledger.report(store_id, ok=ok, count=count)
+            if outcome is None:
                 continue
-            self._disk_reports[store_id] += count
-            if self._disk_reports[store_id] >= self.geometry.world_size:
-                del self._disk_reports[store_id]
-                key, block_fps = self._inflight_disk.pop(store_id)
-                self.index.unpin([key])
-                if self.disk is not None:
-                    nbytes = len(block_fps) * self.geometry.block_bytes * self.geometry.world_size
-                    self.disk.add(key, block_fps, nbytes)
-                    self.stats.disk_written_chunks += 1
+            key, block_fps = self._disk_jobs.pop(store_id)
+            self.index.unpin([key])
+            if self.disk is None:
+                continue
+            if store_id in self._disk_doomed:  # started before a reset: must not come back
+                self._disk_doomed.discard(store_id)
+                self.disk.delete(key)  # whatever any rank wrote; unbans the key once done
+            elif outcome:
+                nbytes = len(block_fps) * self.geometry.block_bytes * self.geometry.world_size
+                self.disk.add(key, block_fps, nbytes)
+                self.stats.disk_written_chunks += 1
         if self.disk is not None:
             for key in report.disk_gone:
                 self.disk.remove(key)
@@ -401,16 +479,56 @@ class SchedulerSide:
             if state is not None:
                 state.next_chunk = 0
 
+    def blocks_computed_from(self, failed: set[int]) -> set[int]:
+        """``failed`` blocks plus every later block of each request that holds one of them: their
+        KV was computed by attention over the failed bytes."""
+        tainted = set(failed)
+        for state in self._requests.values():
+            for i, block in enumerate(state.block_ids):
+                if block in failed:
+                    tainted.update(state.block_ids[i:])
+                    break
+        return tainted
+
+    def _disable(self) -> None:
+        """A worker reported it cannot move bytes: nothing it was asked to do will ever complete."""
+        logger.warning("lmcache_connector: a worker disabled the cache; no more lookups or stores")
+        self.disabled = True
+        for store_id in self._stores.jobs():
+            self._resolve_store(store_id, ok=False)
+        for store_id in self._disk_writes_ledger.jobs():
+            self._disk_writes_ledger.forget(store_id)
+            key, _ = self._disk_jobs.pop(store_id)
+            self.index.unpin([key])
+        for step in self._load_steps.jobs():
+            self._load_steps.forget(step)
+            self.index.unpin([key for _, key in self._load_pins.pop(step, [])])
+        self._load_failed_slots.clear()
+        for state in self._requests.values():
+            self._release_pending(state)
+        self.index.clear()
+
     # ------------------------------------------------------------ request end
 
     def request_finished(self, request: Request) -> None:
         state = self._requests.pop(request.request_id, None)
         if state is not None:
-            self._fail_unsent_promotions(state)
             self._release_pending(state)
 
     def reset_cache(self) -> bool:
+        """Forget every chunk of this namespace, in memory and on disk (also those still being written).
+
+        Requests already running stop storing: their KV may predate the reset (vLLM resets after a
+        weight update). Chunks pinned by a load already planned are removed when it finishes.
+        """
         self.index.clear()
+        for state in self._requests.values():
+            state.cacheable = False
+        if self.disk is not None:
+            in_flight = [key for key, _ in self._disk_jobs.values()]
+            self._disk_doomed.update(self._disk_jobs)
+            self.disk.clear(in_flight)
+        self._update_gauges()
         return True
 
     def shutdown(self) -> None:
@@ -420,4 +538,25 @@ class SchedulerSide:
     @property
     def inflight(self) -> int:
         """Stores, disk writes and load steps still waiting for worker reports (0 when idle)."""
-        return len(self._inflight_stores) + len(self._load_pins) + len(self._inflight_disk)
+        return len(self._stores) + len(self._load_steps) + len(self._disk_writes_ledger)
+
+    def state(self) -> dict[str, Any]:
+        """The bookkeeping a test (or an operator debugging a leak) may read."""
+        index = self.index
+        return {
+            "disabled": self.disabled,
+            "num_slots": index.num_slots,
+            "used_slots": index.used_slots,
+            "entries": len(index),
+            "stored_bytes": index.stored_bytes,
+            "recounted_bytes": index.recount_bytes(),
+            "pins": index.pinned,
+            "pinned_chunks": [(e.key.hex()[:8], e.state.value, e.pins) for e in index.pinned_entries()],
+            "evictions": index.stats.evictions,
+            "dropped_stores": index.stats.dropped_stores,
+            "inflight": self.inflight,
+            "tracked_requests": len(self._requests),
+            "stats": vars(self.stats).copy(),
+            "disk_chunks": len(self.disk) if self.disk is not None else None,
+            "disk_writes_enabled": self._disk_writes,
+        }

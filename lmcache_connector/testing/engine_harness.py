@@ -173,6 +173,7 @@ class _Handlers:
                 {
                     "token_ids": list(completion.token_ids),
                     "num_cached_tokens": out.num_cached_tokens or 0,
+                    "finish_reason": completion.finish_reason,
                     "logprobs": top,
                     "seconds": elapsed,
                 }
@@ -203,31 +204,22 @@ class _Handlers:
 
         from vllm import SamplingParams
 
-        sched = self._scheduler_connector()._scheduler
-        worker = self._worker_connector()._worker
+        scheduler = self._scheduler_connector()
+        worker = self._worker_connector()
+        disk = worker._worker.disk
         if settle:
-            if worker.disk is not None:
-                worker.disk.flush(30)
+            if disk is not None:
+                disk.flush(30)
             self.llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=1), use_tqdm=False)
-        index = sched.index
-        return {
-            "num_slots": index.num_slots,
-            "used_slots": index.used_slots,
-            "stored_bytes": index.stored_bytes,
-            "entries": len(index),
-            "pins": index.pinned,
-            "evictions": index.stats.evictions,
-            "dropped_stores": index.stats.dropped_stores,
-            "inflight": sched.inflight,
-            "tracked_requests": len(sched._requests),
-            "slot_bytes": worker.pool.slot_bytes,
-            "pool_bytes": worker.pool.nbytes,
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "stats": vars(sched.stats),
-            "pinned_chunks": [(e.key.hex()[:8], e.state.value, e.pins) for e in index._entries.values() if e.pins],
-            "disk_chunks": len(sched.disk) if sched.disk is not None else None,
-            "disk_writes_enabled": sched._disk_writes,
-        }
+        state = scheduler.state()
+        worker_state = worker.state()
+        state.update(
+            slot_bytes=worker_state["slot_bytes"],
+            pool_bytes=worker_state["pool_bytes"],
+            worker_disabled=worker_state["disabled"],
+            max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
+        return state
 
     def fingerprints(self, prompt: list[int]) -> dict[str, Any]:
         from lmcache_connector.keys import block_fingerprints, request_root
