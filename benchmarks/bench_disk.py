@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 from bench_engines import bench_engine  # noqa: E402
 
-from lmcache_connector.testing.engine_harness import EngineProcess  # noqa: E402
 from lmcache_connector.testing.tiny_model import BENCH, random_prompt  # noqa: E402
-from lmcache_connector.tiers.disk import DiskTier  # noqa: E402
-from lmcache_connector.tiers.disk_format import ChunkHeader, rank_tag  # noqa: E402
+from lmcache_connector.testing.vllm_process import EngineProcess  # noqa: E402
+from lmcache_connector.tiers.disk.format import ChunkHeader, rank_tag  # noqa: E402
+from lmcache_connector.tiers.disk.store import DiskTier  # noqa: E402
 
 NS = "ab" * 16
 SHAPE = (8, 8, 512 * 1024 // 8)  # 8 layers x 8 blocks x 64 KiB pages: one 256-token chunk of the bench model

@@ -35,8 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmcache_connector.testing.engine_harness import CONNECTOR, CPU_ENGINE_ENV  # noqa: E402
 from lmcache_connector.testing.tiny_model import BENCH, build_model, random_prompt  # noqa: E402
+from lmcache_connector.testing.vllm_process import CONNECTOR, CPU_ENGINE_ENV  # noqa: E402
 
 TIMED_KEYS = ("load_seconds.", "store_seconds.")  # each timed with two perf_counter() calls
 
@@ -48,7 +48,7 @@ class Recorder:
     """Wraps ``Counters`` methods to log ``(method, instance, args)`` while ``on``."""
 
     def __init__(self) -> None:
-        from lmcache_connector.stats import Counters
+        from lmcache_connector.counters import Counters
 
         self.calls: list[tuple[str, int, tuple]] = []
         self.on = False
@@ -66,7 +66,7 @@ class Recorder:
         return recorded
 
     def remove(self) -> None:
-        from lmcache_connector.stats import Counters
+        from lmcache_connector.counters import Counters
 
         for name, original in self._originals.items():
             setattr(Counters, name, original)
@@ -130,8 +130,8 @@ def front_end():
 def replay(calls: list[tuple[str, int, tuple]], kv_logging, prom) -> float:
     """Seconds to make the recorded calls again and carry every non-empty take to Prometheus."""
     from lmcache_connector.connector import LMCacheConnector
-    from lmcache_connector.metrics import build_stats
-    from lmcache_connector.stats import Counters
+    from lmcache_connector.connector.metrics import build_stats
+    from lmcache_connector.counters import Counters
 
     owners = {owner: Counters() for _, owner, _ in calls}
     perf_counter = time.perf_counter

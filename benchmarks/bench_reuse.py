@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from bench_engines import bench_engine  # noqa: E402
 
-from lmcache_connector.testing.engine_harness import EngineProcess  # noqa: E402
 from lmcache_connector.testing.tiny_model import BENCH, random_prompt  # noqa: E402
+from lmcache_connector.testing.vllm_process import EngineProcess  # noqa: E402
 
 VOCAB = BENCH.vocab_size
 

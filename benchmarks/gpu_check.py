@@ -416,7 +416,7 @@ def _driver_range(ptr: int) -> dict:
 
 def check_pool_pinning(run: Run, device: str, quick: bool) -> dict:
     """MemoryPool of an odd size: registered (pinned) at exactly its configured size, copies right and fast."""
-    from lmcache_connector.tiers.memory import MemoryPool
+    from lmcache_connector.tiers.memory.pool import MemoryPool
 
     cuda = device == "cuda"
     stats = getattr(torch.cuda, "host_memory_stats", None) if cuda else None
@@ -490,11 +490,11 @@ def check_pool_pinning(run: Run, device: str, quick: bool) -> dict:
 def check_mover(device: str) -> dict:
     """CudaBlockMover: async stores (ring reuse, partial chunks, blocks overwritten right after the
     store call), poll/wait reporting, and loads into partial slot views."""
-    from lmcache_connector.cuda_transfer import CudaBlockMover
     from lmcache_connector.ops import reference
+    from lmcache_connector.ops.cuda_mover import CudaBlockMover
+    from lmcache_connector.ops.mover import make_block_mover
     from lmcache_connector.ops.paged_kv import PagedKV
-    from lmcache_connector.tiers.memory import MemoryPool
-    from lmcache_connector.transfer import make_block_mover
+    from lmcache_connector.tiers.memory.pool import MemoryPool
 
     flat, views = make_layer_views("LBNHC", 4, 96, 2, 16, 256, torch.bfloat16, device)
     flat.random_(0, 256)
@@ -678,10 +678,10 @@ def _time_size(run, layout, flat, paged, chunks, device, quick, rng, tune) -> No
 
 def time_host_copies(run: Run, device: str, quick: bool) -> None:
     """Host<->device: CudaBlockMover and the raw kernel on pinned slots vs a plain pinned copy_."""
-    from lmcache_connector.cuda_transfer import CudaBlockMover
     from lmcache_connector.ops import triton_kernels
+    from lmcache_connector.ops.cuda_mover import CudaBlockMover
     from lmcache_connector.ops.paged_kv import PagedKV
-    from lmcache_connector.tiers.memory import MemoryPool
+    from lmcache_connector.tiers.memory.pool import MemoryPool
 
     cfg = dict(SEVEN_B, layers=4) if quick else SEVEN_B
     blocks = 128 if quick else 512
@@ -819,10 +819,10 @@ def main() -> int:
 
         meta["triton"] = triton.__version__
         sys.modules.setdefault("vllm", None)  # the path under test must not need vLLM
-        import lmcache_connector.cuda_transfer  # noqa: F401
         import lmcache_connector.ops
-        import lmcache_connector.tiers.memory  # noqa: F401
-        import lmcache_connector.transfer  # noqa: F401
+        import lmcache_connector.ops.cuda_mover  # noqa: F401
+        import lmcache_connector.ops.mover  # noqa: F401
+        import lmcache_connector.tiers.memory.pool  # noqa: F401
 
         meta["heavy_imports"] = sorted(m for m in ("yaml", "safetensors", "xxhash") if sys.modules.get(m))
         meta["triton_kernels_import"] = run.check("import lmcache_connector.ops.triton_kernels", _import_kernels)

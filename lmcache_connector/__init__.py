@@ -7,14 +7,14 @@ Importing this package is cheap and touches neither vLLM nor a GPU: vLLM imports
 class in every process at config time, so ``LMCacheConnector`` is resolved lazily on first access.
 """
 
-from ._version import __version__
+from lmcache_connector._version import __version__
 
 __all__ = ["LMCacheConnector", "__version__"]
 
 
 def __getattr__(name: str):
     if name == "LMCacheConnector":
-        from .connector import LMCacheConnector
+        from lmcache_connector.connector import LMCacheConnector
 
         return LMCacheConnector
     raise AttributeError(f"module 'lmcache_connector' has no attribute {name!r}")

@@ -16,8 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from lmcache_connector.testing.engine_harness import CONNECTOR, EngineProcess  # noqa: E402
 from lmcache_connector.testing.tiny_model import BENCH, build_model, random_prompt  # noqa: E402
+from lmcache_connector.testing.vllm_process import CONNECTOR, EngineProcess  # noqa: E402
 
 
 def main() -> None:

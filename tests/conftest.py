@@ -1,5 +1,5 @@
 """Shared fixtures. Engines are expensive here (seconds to start), so tests share one engine per
-configuration through module-scoped fixtures built with ``engine_support.start_engine``."""
+configuration through module-scoped fixtures built with ``vllm_support.start_engine``."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lmcache_connector.tiers import disk_format
-from lmcache_connector.tiers.disk_format import ChunkHeader, write_chunk
+from lmcache_connector.tiers.disk import format as disk_format
+from lmcache_connector.tiers.disk.format import ChunkHeader, write_chunk
 
 SCRIPT = Path(sys.executable).with_name("lmcache-connector")
 NS_A, NS_B = "ab" * 16, "cd" * 16

@@ -14,7 +14,7 @@ import torch
 
 from lmcache_connector.ops import PagedKV
 from lmcache_connector.ops.reference import gather_blocks_torch
-from lmcache_connector.tiers.memory import MemoryPool
+from lmcache_connector.tiers.memory.pool import MemoryPool
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,7 +39,7 @@ def pool(paged) -> MemoryPool:
 
 
 def mover_for(paged, **kwargs):
-    from lmcache_connector.cuda_transfer import CudaBlockMover
+    from lmcache_connector.ops.cuda_mover import CudaBlockMover
 
     return CudaBlockMover(paged, **kwargs)
 
@@ -59,8 +59,8 @@ def poll_until(mover, count: int, timeout_s: float = 10.0) -> list[int]:
 
 
 def test_make_block_mover_picks_the_cuda_mover_and_pool_is_pinned(paged, pool):
-    from lmcache_connector.cuda_transfer import CudaBlockMover
-    from lmcache_connector.transfer import make_block_mover
+    from lmcache_connector.ops.cuda_mover import CudaBlockMover
+    from lmcache_connector.ops.mover import make_block_mover
 
     assert isinstance(make_block_mover(paged), CudaBlockMover)
     assert pool.pinned and pool.slot(0).is_pinned()

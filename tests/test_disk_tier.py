@@ -14,19 +14,20 @@ import time
 
 import pytest
 import torch
-from engine_support import library_bytes
 from safetensors import safe_open
+from vllm_support import library_bytes
 
-from lmcache_connector.disk_catalog import DiskCatalog
-from lmcache_connector.tiers import disk, disk_format
-from lmcache_connector.tiers.disk import DiskTier
-from lmcache_connector.tiers.disk_format import (
+from lmcache_connector.tiers.disk import format as disk_format
+from lmcache_connector.tiers.disk import store as disk
+from lmcache_connector.tiers.disk.catalog import DiskCatalog
+from lmcache_connector.tiers.disk.format import (
     ChunkFileError,
     ChunkHeader,
     chunk_file_name,
     rank_tag,
     write_chunk,
 )
+from lmcache_connector.tiers.disk.store import DiskTier
 
 NS = "ab" * 16
 OTHER_NS = "cd" * 16
@@ -112,8 +113,8 @@ def locked_library_bytes(folder) -> int:
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from lmcache_connector.tiers.disk import DiskTier
-    from lmcache_connector.tiers.disk_format import ChunkHeader, rank_tag
+    from lmcache_connector.tiers.disk.store import DiskTier
+    from lmcache_connector.tiers.disk.format import ChunkHeader, rank_tag
     folder, ns, limit, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     tier = DiskTier(folder, limit, ns, rank_tag(0))
     data = torch.randint(0, 256, (2, 4, 1024), dtype=torch.uint8)
@@ -149,8 +150,8 @@ FULL_DISK = textwrap.dedent(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # the kernel refuses bigger files: EFBIG
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from lmcache_connector.tiers.disk import DiskTier
-    from lmcache_connector.tiers.disk_format import ChunkHeader, rank_tag
+    from lmcache_connector.tiers.disk.store import DiskTier
+    from lmcache_connector.tiers.disk.format import ChunkHeader, rank_tag
     tier = DiskTier(sys.argv[1], 1 << 30, "ab" * 16, rank_tag(0))
     data = torch.zeros((2, 4, 1024), dtype=torch.uint8)
     views = [memoryview(r.numpy()).cast("B") for r in data]

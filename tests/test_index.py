@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmcache_connector.index import ChunkIndex, ChunkState
+from lmcache_connector.tiers.memory.index import ChunkIndex, ChunkState
 
 
 def chunk_fps(prefix: str, n: int) -> tuple[bytes, ...]:

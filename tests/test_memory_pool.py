@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from lmcache_connector.tiers import memory
-from lmcache_connector.tiers.memory import MemoryPool
+from lmcache_connector.tiers.memory import pool as memory
+from lmcache_connector.tiers.memory.pool import MemoryPool
 
 ODD_SHAPE = (5, 3, 1000)  # 15,000 bytes per slot: neither a page multiple nor a power of two
 

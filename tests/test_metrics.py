@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from vllm.config import KVTransferConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging, KVConnectorProm
 
-from lmcache_connector import metrics
-from lmcache_connector.metrics import LMCacheConnectorStats, build_stats
-from lmcache_connector.stats import Counters
+from lmcache_connector.connector import metrics
+from lmcache_connector.connector.metrics import LMCacheConnectorStats, build_stats
+from lmcache_connector.counters import Counters
 
 MiB = 2**20
 LABELS = ["model_name", "engine"]
@@ -172,7 +172,7 @@ def test_steps_add_up_per_tier_and_gauges_show_the_latest(kv_transfer_config):
 
 
 def test_every_documented_counter_reaches_a_series(kv_transfer_config):
-    """Each key of the stats contract (``lmcache_connector.stats``) moves exactly one series."""
+    """Each key of the stats contract (``lmcache_connector.counters``) moves exactly one series."""
     prom, registry = prometheus(kv_transfer_config)
     contract = {
         "requested_tokens": "lmcache_connector_requested_tokens_total",

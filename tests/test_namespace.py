@@ -9,19 +9,19 @@ import shutil
 
 import pytest
 import torch
-from engine_support import MODEL_ROOT
 from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.lora.request import LoRARequest
 from vllm.v1.core.kv_cache_utils import generate_scheduler_kv_cache_config, get_kv_cache_configs
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+from vllm_support import MODEL_ROOT
 
 from lmcache_connector import LMCacheConnector
 from lmcache_connector.config import load_config
 from lmcache_connector.connector.geometry import compute_geometry
 from lmcache_connector.identity import checkpoint_fingerprint, lora_identity
-from lmcache_connector.testing.engine_harness import CONNECTOR
 from lmcache_connector.testing.tiny_model import SMALL_MHA, TINY, build_model
+from lmcache_connector.testing.vllm_process import CONNECTOR
 
 STORAGE_DTYPE = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16}  # every quantized format: uint8
 

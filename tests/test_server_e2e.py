@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from engine_support import MODEL_ROOT, engine_env
 from prometheus_client.parser import text_string_to_metric_families
+from vllm_support import MODEL_ROOT, engine_env
 
-from lmcache_connector.testing.engine_harness import CONNECTOR, CPU_ENGINE_ENV
 from lmcache_connector.testing.tiny_model import TINY, build_model, random_prompt
+from lmcache_connector.testing.vllm_process import CONNECTOR, CPU_ENGINE_ENV
 
 pytestmark = pytest.mark.engine
 

@@ -4,10 +4,10 @@ Importing this package imports vLLM (after checking its version); the top-level 
 that until ``lmcache_connector.LMCacheConnector`` is first used.
 """
 
-from ..vllm_version import check_vllm_version
+from lmcache_connector.vllm_version import check_vllm_version
 
 check_vllm_version()
 
-from .connector import LMCacheConnector  # noqa: E402
+from lmcache_connector.connector.connector import LMCacheConnector  # noqa: E402
 
 __all__ = ["LMCacheConnector"]

@@ -21,13 +21,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from ..config import describe, load_config
-from ..logs import configure_logging
-from ..metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
-from .geometry import compute_geometry
-from .metadata import FAILED_SLOT, LoadSpec, StepPlan
-from .scheduler import SchedulerSide
-from .worker import WorkerSide, vllm_rank
+from lmcache_connector.config import describe, load_config
+from lmcache_connector.connector.geometry import compute_geometry
+from lmcache_connector.connector.metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
+from lmcache_connector.connector.scheduler import SchedulerSide
+from lmcache_connector.connector.worker import WorkerSide, vllm_rank
+from lmcache_connector.logs import configure_logging
+from lmcache_connector.plan import FAILED_SLOT, LoadSpec, StepPlan
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +148,7 @@ class LMCacheConnector(KVConnectorBase_V1):
         labelnames: list[str],
         per_engine_labelvalues: dict[int, list[object]],
     ) -> Any:  # a KVConnectorPromMetrics
-        """The ``lmcache_connector_*`` series on vLLM's ``/metrics`` (listed in :mod:`lmcache_connector.metrics`)."""
+        """The ``lmcache_connector_*`` series on vLLM's ``/metrics`` (listed in :mod:`.metrics`)."""
         return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:

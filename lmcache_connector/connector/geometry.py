@@ -17,10 +17,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import LMCacheConfig, check_chunk_size
-from ..identity import checkpoint_fingerprint
-from ..identity import lora_identity as lora_identity  # the scheduler keys each request's adapter with it
-from ..keys import Namespace
+from lmcache_connector.config import LMCacheConfig, check_chunk_size
+from lmcache_connector.identity import checkpoint_fingerprint
+from lmcache_connector.identity import (
+    lora_identity as lora_identity,  # the scheduler keys each request's adapter with it
+)
+from lmcache_connector.keys import Namespace
 
 if TYPE_CHECKING:
     import torch

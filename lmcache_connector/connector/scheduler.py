@@ -28,17 +28,17 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..config import LMCacheConfig
-from ..disk_catalog import DiskCatalog
-from ..identity import lora_identity
-from ..index import ChunkIndex, ChunkState
-from ..keys import MultimodalItem, block_fingerprints, request_root
-from ..stats import Counters
-from ..tiers.disk_format import rank_tag
-from .geometry import Geometry
-from .ledger import ReportLedger
-from .lookup import Piece, find_pieces
-from .metadata import FAILED_SLOT, DiskWrite, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.config import LMCacheConfig
+from lmcache_connector.connector.geometry import Geometry
+from lmcache_connector.counters import Counters
+from lmcache_connector.identity import lora_identity
+from lmcache_connector.keys import MultimodalItem, block_fingerprints, request_root
+from lmcache_connector.ledger import ReportLedger
+from lmcache_connector.plan import FAILED_SLOT, DiskWrite, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.tiers.chain import Piece, find_pieces
+from lmcache_connector.tiers.disk.catalog import DiskCatalog
+from lmcache_connector.tiers.disk.format import rank_tag
+from lmcache_connector.tiers.memory.index import ChunkIndex, ChunkState
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks

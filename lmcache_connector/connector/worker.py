@@ -27,16 +27,16 @@ from dataclasses import asdict
 
 import torch
 
-from ..config import LMCacheConfig
-from ..ops import PagedKV
-from ..stats import Counters
-from ..tiers.disk import DiskTier
-from ..tiers.disk_format import ChunkFileError, ChunkHeader, rank_tag
-from ..tiers.memory import MemoryPool
-from ..tiers.prefault import populate_in_background
-from ..transfer import make_block_mover
-from .geometry import Geometry
-from .metadata import FAILED_SLOT, Fill, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.config import LMCacheConfig
+from lmcache_connector.connector.geometry import Geometry
+from lmcache_connector.counters import Counters
+from lmcache_connector.ops import PagedKV
+from lmcache_connector.ops.mover import make_block_mover
+from lmcache_connector.plan import FAILED_SLOT, Fill, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.tiers.disk.format import ChunkFileError, ChunkHeader, rank_tag
+from lmcache_connector.tiers.disk.store import DiskTier
+from lmcache_connector.tiers.memory.pool import MemoryPool
+from lmcache_connector.tiers.memory.prefault import populate_in_background
 
 logger = logging.getLogger("lmcache_connector")
 

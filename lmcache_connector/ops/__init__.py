@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from .paged_kv import PagedKV
-from .reference import gather_blocks_torch, scatter_blocks_torch
+from lmcache_connector.ops.paged_kv import PagedKV
+from lmcache_connector.ops.reference import gather_blocks_torch, scatter_blocks_torch
 
 __all__ = ["PagedKV", "gather_blocks", "scatter_blocks", "check_block_ids"]
 
@@ -38,7 +38,7 @@ def gather_blocks(paged: PagedKV, block_ids: list[int], out: torch.Tensor) -> No
     if not block_ids:
         return
     if paged.device.type == "cuda":
-        from .triton_kernels import gather_blocks_triton
+        from lmcache_connector.ops.triton_kernels import gather_blocks_triton
 
         gather_blocks_triton(paged, block_ids, out)
     else:
@@ -53,7 +53,7 @@ def scatter_blocks(chunk: torch.Tensor, paged: PagedKV, block_ids: list[int]) ->
     if not block_ids:
         return
     if paged.device.type == "cuda":
-        from .triton_kernels import scatter_blocks_triton
+        from lmcache_connector.ops.triton_kernels import scatter_blocks_triton
 
         scatter_blocks_triton(chunk, paged, block_ids)
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .paged_kv import PagedKV
+from lmcache_connector.ops.paged_kv import PagedKV
 
 # Above this many runs per block, per-run copies cost more than one indexed copy per region.
 _MAX_RUN_FRACTION = 0.5

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_kv import PagedKV
+from lmcache_connector.ops.paged_kv import PagedKV
 
 __all__ = ["gather_blocks_triton", "scatter_blocks_triton", "copy_unit_bytes"]
 

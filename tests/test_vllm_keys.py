@@ -3,7 +3,7 @@ whatever their PYTHONHASHSEED or vLLM's own prefix-hash settings."""
 
 from __future__ import annotations
 
-from engine_support import start_engine
+from vllm_support import start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
 

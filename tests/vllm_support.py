@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lmcache_connector.testing.engine_harness import CONNECTOR, EngineProcess
 from lmcache_connector.testing.tiny_model import ModelShape, build_model
+from lmcache_connector.testing.vllm_process import CONNECTOR, EngineProcess
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_ROOT = Path(os.environ.get("LMCACHE_TEST_MODEL_DIR", REPO / ".cache" / "models"))

@@ -1,6 +1,6 @@
 """Moving a chunk's blocks between a paged KV cache on a CUDA device and a (pinned) host slot.
 
-:class:`CudaBlockMover` has the interface of :class:`lmcache_connector.transfer.BlockMover`:
+:class:`CudaBlockMover` has the interface of :class:`lmcache_connector.ops.mover.BlockMover`:
 
 * ``store(block_ids, dst, store_id)`` returns at once; ``poll_stores`` reports ``store_id`` once the
   bytes are in ``dst``, and only then may the slot be read, written to disk or reported stored.
@@ -30,7 +30,7 @@ How the work is ordered, and why:
 
 Slots that are partial chunk views (``stride(0) > n * row``) are copied one region at a time
 (each region's rows are contiguous); whole slots in one copy. Host memory should be pinned
-(:class:`lmcache_connector.tiers.memory.MemoryPool` pins it on CUDA machines); a pageable slot
+(:class:`lmcache_connector.tiers.memory.pool.MemoryPool` pins it on CUDA machines); a pageable slot
 still works but every copy then blocks the host.
 """
 
@@ -40,8 +40,8 @@ import logging
 
 import torch
 
-from . import ops
-from .ops import PagedKV
+from lmcache_connector import ops
+from lmcache_connector.ops import PagedKV
 
 logger = logging.getLogger("lmcache_connector")
 

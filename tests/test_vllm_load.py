@@ -4,7 +4,7 @@ leave nothing behind (no pins, no in-flight transfers, no tracked requests)."""
 from __future__ import annotations
 
 import pytest
-from engine_support import assert_same_greedy, start_engine
+from vllm_support import assert_same_greedy, start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
 

@@ -13,7 +13,7 @@ import os
 import time
 
 import pytest
-from engine_support import start_engine
+from vllm_support import start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
 

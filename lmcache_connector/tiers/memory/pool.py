@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from .prefault import Prefaulter
+from lmcache_connector.tiers.memory.prefault import Prefaulter
 
 logger = logging.getLogger("lmcache_connector")
 

@@ -3,7 +3,7 @@
 * ``config`` prints the configuration an engine started here would use (defaults, the file named by
   ``LMCACHE_CONFIG_FILE``, ``LMCACHE_*`` variables) and fails on any invalid setting, so a Helm init
   container or a CI job can check a deployment before it starts;
-* ``disk stats|verify|clear`` inspect and clean a disk-tier folder offline (:mod:`.cli_disk`).
+* ``disk stats|verify|clear`` inspect and clean a disk-tier folder offline (:mod:`lmcache_connector.tiers.disk.folder`).
 
 It works without vLLM, torch or a GPU: it imports only the configuration loader and the disk
 tier's file format (and its lock-file name). Exit codes: 0 all good; 1 a check found a problem
@@ -20,9 +20,8 @@ import os
 import sys
 from typing import Any
 
-from . import cli_disk
-from ._version import __version__
-from .config import (
+from lmcache_connector._version import __version__
+from lmcache_connector.config import (
     CONFIG_FILE_ENV,
     EXTRA_CONFIG_PREFIX,
     SETTINGS,
@@ -32,6 +31,7 @@ from .config import (
     env_name,
     load_config,
 )
+from lmcache_connector.tiers.disk import folder as disk_folder
 
 OK, FOUND_PROBLEMS, INVALID = 0, 1, 2
 
@@ -202,7 +202,7 @@ def _folder(path: str | None) -> str:
 
 
 def cmd_disk_stats(args: argparse.Namespace) -> int:
-    stats = cli_disk.folder_stats(_folder(args.path))
+    stats = disk_folder.folder_stats(_folder(args.path))
     if args.json:
         report = {
             "folder": stats.folder,
@@ -242,7 +242,7 @@ def cmd_disk_stats(args: argparse.Namespace) -> int:
     return OK
 
 
-def _namespace_line(ns: cli_disk.NamespaceSummary) -> str:
+def _namespace_line(ns: disk_folder.NamespaceSummary) -> str:
     ranks = ",".join(sorted(ns.ranks))
     info = ns.description
     if isinstance(info, dict):
@@ -252,7 +252,7 @@ def _namespace_line(ns: cli_disk.NamespaceSummary) -> str:
 
 
 def cmd_disk_verify(args: argparse.Namespace) -> int:
-    result = cli_disk.verify_folder(_folder(args.path), delete=args.delete)
+    result = disk_folder.verify_folder(_folder(args.path), delete=args.delete)
     if args.json:
         report = {**vars(result), "bad": [vars(b) for b in result.bad], "remaining_bad": result.remaining_bad}
         print(json.dumps(report, indent=2))
@@ -281,7 +281,7 @@ def cmd_disk_clear(args: argparse.Namespace) -> int:
             f"--namespace {args.namespace!r}: expected up to 16 hex digits, the start of the chunk file names "
             "(`disk stats` lists them; the engine's start-up log shows the first 12)"
         )
-    entries = cli_disk.files_to_clear(folder, namespace or None)
+    entries = disk_folder.files_to_clear(folder, namespace or None)
     scope = f" of namespace {namespace}" if namespace else ""
     if not entries:
         print(f"nothing to remove: no files of lmcache_connector{scope} in {folder}")
@@ -294,7 +294,7 @@ def cmd_disk_clear(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing removed")
             return FOUND_PROBLEMS
-    removed, removed_bytes, errors = cli_disk.remove_files(entries)
+    removed, removed_bytes, errors = disk_folder.remove_files(entries)
     print(f"removed {_files(removed)} ({_human(removed_bytes)}) from {folder}; other files were left alone")
     for error in errors:
         print(f"could not remove {error}", file=sys.stderr)

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_support import assert_same_greedy, library_bytes, start_engine
+from vllm_support import assert_same_greedy, library_bytes, start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
-from lmcache_connector.tiers.disk_format import ChunkFileError, read_chunk_into, read_header
+from lmcache_connector.tiers.disk.format import ChunkFileError, read_chunk_into, read_header
 
 CHUNK = {"chunk_size": 128}  # 4 blocks of 32 tokens: 64 KiB per chunk file for this model
 FILE_BYTES = 64 * 1024 + 1024  # a chunk file: its bytes plus a header of under 1 KiB
@@ -186,7 +186,7 @@ def test_an_unusable_disk_folder_does_not_stop_serving(engine_tmp, tmp_path, bas
 
 def test_chunk_files_cannot_be_mistaken_for_another_chunk(tmp_path):
     """A file renamed to another chunk's name fails its header check instead of being loaded."""
-    from lmcache_connector.tiers.disk_format import ChunkHeader, rank_tag, write_chunk
+    from lmcache_connector.tiers.disk.format import ChunkHeader, rank_tag, write_chunk
 
     a = ChunkHeader("a" * 32, "ab" * 16, rank_tag(0), ("a" * 32,), (1, 1, 64))
     b = ChunkHeader("b" * 32, "ab" * 16, rank_tag(0), ("b" * 32,), (1, 1, 64))

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from engine_support import MODEL_ROOT, assert_same_greedy, start_engine
+from vllm_support import MODEL_ROOT, assert_same_greedy, start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, ModelShape, build_model, random_prompt
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..disk_catalog import DiskCatalog, DiskEntry
-from ..index import ChunkEntry, ChunkIndex, ChunkState
+from lmcache_connector.tiers.disk.catalog import DiskCatalog, DiskEntry
+from lmcache_connector.tiers.memory.index import ChunkEntry, ChunkIndex, ChunkState
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from engine_support import start_engine
+from vllm_support import start_engine
 
-from lmcache_connector.testing.engine_harness import EngineError
 from lmcache_connector.testing.tiny_model import TINY
+from lmcache_connector.testing.vllm_process import EngineError
 
 
 @pytest.mark.parametrize(

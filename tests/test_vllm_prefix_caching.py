@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_support import assert_same_greedy, start_engine
+from vllm_support import assert_same_greedy, start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
 

@@ -1,7 +1,7 @@
 """``lmcache-connector disk stats|verify|clear``: look after a disk-tier folder offline.
 
 Plain functions over a folder, each returning a dataclass that the command prints as text or JSON.
-They read the folder only through :mod:`lmcache_connector.tiers.disk_format`, so what they call a
+They read the folder only through :mod:`lmcache_connector.tiers.disk.format`, so what they call a
 chunk, a temporary file or someone else's file is exactly what the disk tier calls one:
 
 * *chunk files* — named ``<namespace16>-<rank>-<key>.lmc.safetensors``;
@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .tiers.disk_format import (
+from lmcache_connector.tiers.disk.format import (
     LOCK_NAME,
     TMP_SUFFIX,
     ChunkFileError,

@@ -3,7 +3,7 @@
 vLLM gathers one ``KVConnectorStats`` per worker each step, merges them with ``aggregate`` and with
 the scheduler's, ships only the ``data`` dict to the front end and rebuilds the object there with
 the connector's ``build_kv_connector_stats``. The dict's keys are documented in
-:mod:`lmcache_connector.stats`. In the front end the dict goes two ways:
+:mod:`lmcache_connector.counters`. In the front end the dict goes two ways:
 
 * vLLM's periodic stats log sums it over the log interval and prints :meth:`LMCacheConnectorStats.reduce`
   as ``KV Transfer metrics: hit_rate=..., hit_tokens=..., loaded_MiB.memory=...``;
@@ -48,7 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 from vllm.v1.metrics.utils import create_metric_per_engine
 
-from .stats import TIERS, is_gauge, merge
+from lmcache_connector.counters import TIERS, is_gauge, merge
 
 PREFIX = "lmcache_connector_"
 MiB = 2**20

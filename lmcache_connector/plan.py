@@ -17,17 +17,17 @@ every worker in this order:
 worker -> scheduler: :class:`WorkerReport` (``KVConnectorOutput.kv_connector_worker_meta``): per job,
 how many ranks finished it and how many failed it. vLLM merges the reports of all workers with
 ``aggregate`` (counts add up), and the scheduler resolves a job only when every rank has reported
-(:class:`~lmcache_connector.connector.ledger.ReportLedger`).
+(:class:`~lmcache_connector.ledger.ReportLedger`).
 
-Plain dataclasses of ints and lists: they are pickled across processes every step.
+Plain dataclasses of ints and lists, importing neither vLLM nor torch: they are pickled across
+processes every step. vLLM carries them as its ``KVConnectorMetadata`` and
+``KVConnectorWorkerMetadata`` without checking their type; all it needs is ``aggregate``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 # A load spec with this slot tells the worker to report its blocks as failed.
 FAILED_SLOT = -1
@@ -77,7 +77,7 @@ class StoreSpec:
 
 
 @dataclass
-class StepPlan(KVConnectorMetadata):
+class StepPlan:
     step: int
     fills: list[Fill] = field(default_factory=list)
     loads: dict[str, list[LoadSpec]] = field(default_factory=dict)  # request id -> loads, in prompt order
@@ -87,7 +87,7 @@ class StepPlan(KVConnectorMetadata):
 
 
 @dataclass
-class WorkerReport(KVConnectorWorkerMetadata):
+class WorkerReport:
     stored: Counter = field(default_factory=Counter)  # store/fill id -> ranks that finished it
     failed_stores: Counter = field(default_factory=Counter)  # store/fill id -> ranks that failed it
     load_steps: Counter = field(default_factory=Counter)  # step -> ranks that ran its loads
@@ -98,7 +98,7 @@ class WorkerReport(KVConnectorWorkerMetadata):
     disk_disabled: bool = False
     worker_disabled: bool = False  # a rank cannot move bytes at all (e.g. unusable KV layout)
 
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> WorkerReport:
+    def aggregate(self, other: WorkerReport) -> WorkerReport:
         assert isinstance(other, WorkerReport)
         return WorkerReport(
             stored=self.stored + other.stored,

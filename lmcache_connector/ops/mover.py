@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .ops import PagedKV
+from lmcache_connector import ops
+from lmcache_connector.ops import PagedKV
 
 
 class BlockMover:
@@ -46,7 +46,7 @@ class BlockMover:
 def make_block_mover(paged: PagedKV) -> BlockMover:
     """The mover for the device the paged KV cache lives on."""
     if paged.device.type == "cuda":
-        from .cuda_transfer import CudaBlockMover
+        from lmcache_connector.ops.cuda_mover import CudaBlockMover
 
         return CudaBlockMover(paged)
     return BlockMover(paged)

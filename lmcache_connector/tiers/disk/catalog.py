@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .tiers.disk_format import (
+from lmcache_connector.tiers.disk.format import (
     SUFFIX,
     TMP_SUFFIX,
     ChunkFileError,

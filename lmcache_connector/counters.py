@@ -3,7 +3,7 @@
 Both halves count into a :class:`Counters` (plain numbers, no locks: each half runs on one thread),
 and vLLM collects them once per step through ``get_kv_connector_stats``: the workers' counters are
 summed across ranks and merged with the scheduler's, and only the flat ``dict`` travels to the
-front end, where :mod:`lmcache_connector.metrics` turns it into Prometheus series.
+front end, where :mod:`lmcache_connector.connector.metrics` turns it into Prometheus series.
 
 Keys of the dict (``tier`` is ``memory`` or ``disk``):
 

@@ -7,7 +7,7 @@ vLLM's own prefix caching is off in these engines, so every cached token reporte
 from __future__ import annotations
 
 import pytest
-from engine_support import assert_same_greedy, start_engine
+from vllm_support import assert_same_greedy, start_engine
 
 from lmcache_connector.testing.tiny_model import SMALL_MHA, TINY, random_prompt
 

@@ -43,7 +43,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from .disk_format import (
+from lmcache_connector.tiers.disk.format import (
     LOCK_NAME,
     SUFFIX,
     TMP_SUFFIX,

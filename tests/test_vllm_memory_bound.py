@@ -4,7 +4,7 @@ and keeps serving hits on what remains."""
 from __future__ import annotations
 
 import pytest
-from engine_support import start_engine
+from vllm_support import start_engine
 
 from lmcache_connector.testing.tiny_model import TINY, random_prompt
 
