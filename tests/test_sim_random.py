@@ -34,6 +34,10 @@ DISCARDED_STEP_CACHED = (
     "vLLM's prefix cache served blocks of a step discarded for load errors (sync-load blocks are "
     "cached at allocation, and recompute leaves them cached) to the request readmitted after preemption"
 )
+SHARED_FAILED_BLOCK = (
+    "a request sharing a block whose load failed kept it as computed (vLLM marks it for recompute by "
+    "the first sharer only) and attended to it after that first sharer was preempted"
+)
 # (seed, steps, tensor-parallel size, what it found on commit 0e14705)
 REGRESSION_CASES = [
     (7, 300, 1, DISCARDED_STEP_CACHED),
@@ -48,6 +52,9 @@ REGRESSION_CASES = [
     (25, 300, 1, DISCARDED_STEP_CACHED + ", partly recomputed"),
     (28, 300, 1, DISCARDED_STEP_CACHED),
     (50, 300, 1, DISCARDED_STEP_CACHED),
+    # found on the working tree with vLLM's prefix cache cleaned of failed blocks:
+    (1009, 400, 1, SHARED_FAILED_BLOCK),
+    (1042, 900, 1, SHARED_FAILED_BLOCK),
 ]
 FRESH_SEEDS = 2
 REPLAYED_PROMPTS = 12  # besides the documents, at the end of a run

@@ -247,10 +247,10 @@ class LMCacheConnector(KVConnectorBase_V1):
         request is preempted or aborted first, a later request would get the never-written bytes
         (or KV computed over them) as a prefix-cache hit. Under ``fail`` vLLM evicts them itself.
         """
+        tainted = self._scheduler.blocks_computed_from(invalid)
         manager = self._kv_cache_manager
-        if manager is None or self._kv_transfer_config.kv_load_failure_policy != "recompute":
-            return
-        manager.evict_blocks(self._scheduler.blocks_computed_from(invalid))
+        if manager is not None and self._kv_transfer_config.kv_load_failure_policy == "recompute":
+            manager.evict_blocks(tainted)
 
     def _keep_nothing(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return False, None

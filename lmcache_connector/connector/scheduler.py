@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from lmcache_connector.config import LMCacheConfig
 from lmcache_connector.connector.geometry import Geometry
 from lmcache_connector.counters import Counters
+from lmcache_connector.failed_blocks import FailedBlocks, StepAccess
 from lmcache_connector.identity import lora_identity
 from lmcache_connector.keys import MultimodalItem, block_fingerprints, request_root
 from lmcache_connector.ledger import ReportLedger
@@ -107,6 +108,7 @@ class SchedulerSide:
         self._disk_doomed: set[int] = set()  # disk writes started before a reset: deleted when they land
         self._new_slots: list[int] = []  # slots handed out since the last plan (the worker invalidates them)
         self._building: tuple[StepPlan, list[tuple[str, bytes]]] | None = None
+        self.failed_blocks = FailedBlocks(geometry.block_size)
         self.disk: DiskCatalog | None = self._open_disk()
         self._disk_writes = self.disk is not None
 
@@ -293,6 +295,7 @@ class SchedulerSide:
         step_pins: list[tuple[str, bytes]] = []
         self._building = (plan, step_pins)  # what abandon_step() releases if this step fails midway
         scheduled = scheduler_output.num_scheduled_tokens
+        accesses: list[StepAccess] = []
 
         for new_req in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new_req.req_id)
@@ -301,7 +304,9 @@ class SchedulerSide:
             if state.block_ids:
                 self.stats.resumed_requests += 1
             state.block_ids = list(new_req.block_ids[0]) if new_req.block_ids else []
-            self._plan(plan, step_pins, state, new_req.num_computed_tokens + scheduled.get(new_req.req_id, 0))
+            computed = new_req.num_computed_tokens
+            accesses.append(self._access(state, computed, computed + scheduled.get(new_req.req_id, 0)))
+            self._plan(plan, step_pins, state, computed + scheduled.get(new_req.req_id, 0))
 
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -314,7 +319,15 @@ class SchedulerSide:
                 state.block_ids = list(new_ids[0]) if new_ids else []
             elif new_ids:
                 state.block_ids.extend(new_ids[0])
-            self._plan(plan, step_pins, state, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
+            computed = cached.num_computed_tokens[i]
+            accesses.append(self._access(state, computed, computed + scheduled.get(req_id, 0)))
+            self._plan(plan, step_pins, state, computed + scheduled.get(req_id, 0))
+
+        for req_id, blocks in self.failed_blocks.check_step(accesses).items():
+            logger.warning(
+                "Request %s would read %d blocks whose load failed earlier; recomputing", req_id, len(blocks)
+            )
+            plan.loads.setdefault(req_id, []).append(LoadSpec(FAILED_SLOT, 0, blocks))
 
         # Loads planned for requests that were not scheduled after all must not keep their pins.
         for state in self._requests.values():
@@ -355,6 +368,11 @@ class SchedulerSide:
         self.counters.set_gauge("usage_bytes.memory", self.index.stored_bytes)
         if self.disk is not None:
             self.counters.set_gauge("usage_bytes.disk", self.disk.used_bytes)
+
+    def _access(self, state: _RequestState, computed: int, computed_after: int) -> StepAccess:
+        # A load planned for this step writes its blocks: only the local prefix is read as it is.
+        read_end = state.lookup_local_tokens if state.pending_loads else computed
+        return StepAccess(state.req_id, state.block_ids, read_end, computed_after)
 
     def _plan(
         self, plan: StepPlan, step_pins: list[tuple[str, bytes]], state: _RequestState, computed_after: int
@@ -481,13 +499,14 @@ class SchedulerSide:
 
     def blocks_computed_from(self, failed: set[int]) -> set[int]:
         """``failed`` blocks plus every later block of each request that holds one of them: their
-        KV was computed by attention over the failed bytes."""
+        KV was computed by attention over the failed bytes. They stay known as wrong until rewritten."""
         tainted = set(failed)
         for state in self._requests.values():
             for i, block in enumerate(state.block_ids):
                 if block in failed:
                     tainted.update(state.block_ids[i:])
                     break
+        self.failed_blocks.add(tainted)
         return tainted
 
     def _disable(self) -> None:
