@@ -13,6 +13,8 @@
    ``copy_`` of the same bytes, one chunk and 8 chunks per launch, contiguous and scattered block
    ids; a few tile/warp settings; host<->device stores and loads (CudaBlockMover and the raw kernel
    writing/reading pinned memory) against a plain pinned ``copy_``.
+3. The compute-stream stall per stored chunk of one step's stores for a 32k-token prompt (128
+   chunks): CudaBlockMover without and with ``prepare_stores``, against the same gathers alone.
 
 Every check is guarded: a failure is recorded in the JSON and the run goes on. The JSON is
 rewritten after every section, a watchdog ends the run past the time budget, and a summary table
@@ -171,6 +173,23 @@ class Run:
         for t in timings:
             if t.get("kind") == "launch":
                 lines.append(f"{t['name']}: host {t['host_us_per_call']} us/call, wall {t['wall_us_per_call']} us/call")
+        stall = [t for t in timings if t.get("kind") == "stall"]
+        if stall:
+            head = stall[0]
+            lines.append(
+                f"store stall, {head['prompt_tokens']}-token prompt ({head['chunks']} chunks of "
+                f"{head['chunk_bytes'] >> 20} MiB), compute stream per chunk:"
+            )
+            for t in stall:
+                if "stall_us_per_chunk" in t:
+                    meets = {None: "", True: " ok", False: " MISS"}[t.get("meets")]
+                    lines.append(
+                        f"  {t['name'].removeprefix('store stall: '):<42} stall {t['stall_us_per_chunk']:8.1f} us, "
+                        f"x{t['ratio_vs_gathers']:.2f} the gathers, {t['staging_buffers']} buffers"
+                        f"{' (host-bound)' if t.get('host_bound') else ''}{meets}"
+                    )
+                else:
+                    lines.append(f"  {t['name'].removeprefix('store stall: '):<42} {t['us_per_chunk']:8.1f} us")
         best: dict[str, dict] = {}
         for t in timings:
             if t.get("kind") == "tune":
@@ -510,7 +529,7 @@ def check_mover(device: str) -> dict:
         ref = torch.empty(paged.chunk_shape(len(ids)), dtype=torch.uint8, device=device)
         reference.gather_blocks_torch(paged, ids, ref)
         expected[slot] = ref.cpu()
-        mover.store(ids, pool.slot(slot, len(ids)), store_id=100 + slot)
+        mover.store(ids, pool.slot(slot, len(ids)), store_id=100 + slot, slot=slot)
         # The forward of the next step reuses the blocks at once: the store must not see it.
         for region in paged.regions:
             region[ids] = 0
@@ -530,7 +549,7 @@ def check_mover(device: str) -> dict:
     # Loads: whole slot, then blocks 2..6 of a slot (a partial, offset view), into fresh blocks.
     targets = [(0, 0, 8, list(range(40, 48))), (1, 2, 5, [90, 50, 60, 70, 80])]
     for slot, first, count, ids in targets:
-        mover.load(pool.slot(slot, count, first), ids)
+        mover.load(pool.slot(slot, count, first), ids, slot=slot)
         got = torch.empty(paged.chunk_shape(count), dtype=torch.uint8, device=device)
         reference.gather_blocks_torch(paged, ids, got)  # same stream: ordered after the load
         assert torch.equal(got.cpu(), expected[slot][:, first : first + count]), f"load of slot {slot} differs"
@@ -776,6 +795,203 @@ def time_host_copies(run: Run, device: str, quick: bool) -> None:
     mover.wait_stores()
 
 
+STALL_PROMPT_TOKENS = 32768
+CHUNK_TOKENS = 256
+TARGET_STALL_RATIO = 1.2  # compute-stream time of a step's stores / of its gathers alone, with room for the step
+
+
+class _WallEvent:
+    """Dry-run stand-in for a timing CUDA event: the host clock when it is recorded."""
+
+    def record(self, stream=None) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: _WallEvent) -> float:
+        return (end.at - self.at) * 1e3
+
+
+class _DoneAtOnce:
+    """A stream or event of the dry run's stand-in device, whose work is done when it is issued."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _dry_run_device_api():
+    """CudaBlockMover's device API on CPU for the dry run: the copies run at once (no real streams)."""
+    import contextlib
+
+    from lmcache_connector.ops.cuda_mover import TorchCuda
+
+    class CopiesAtOnce(TorchCuda):
+        def on_device(self):
+            return contextlib.nullcontext()
+
+        def new_stream(self) -> _DoneAtOnce:
+            return _DoneAtOnce()
+
+        new_event = current_stream = new_stream
+
+        def on_stream(self, stream):
+            return contextlib.nullcontext()
+
+    return CopiesAtOnce(torch.device("cpu"))
+
+
+def time_store_stall(run: Run, device: str, quick: bool) -> None:
+    """Compute-stream stall per stored chunk: all stores of one step of a 32k-token prompt.
+
+    On the caller's (compute) stream a store is a gather into a staging buffer, plus a wait for an
+    earlier chunk's copy to the host when the staging ring has no free buffer. The stream's time
+    for the step's stores is measured between two events on it, while a sleep kernel ahead of
+    them holds the stream until the host has queued everything (so host time is not counted);
+    the same gathers into 4 device buffers, with no copy to the host, are the ceiling. Variants:
+    no ``prepare_stores`` (the ring of 4), ``prepare_stores`` under the default cap, and under a
+    cap that fits the whole step.
+    """
+    from lmcache_connector import ops
+    from lmcache_connector.ops.cuda_mover import DEFAULT_MAX_STAGING_BYTES, DEFAULT_STORE_BUFFERS, CudaBlockMover
+    from lmcache_connector.ops.paged_kv import PagedKV
+    from lmcache_connector.tiers.memory.pool import MemoryPool
+
+    cuda = device == "cuda"
+    cfg = dict(SEVEN_B, layers=4) if quick else SEVEN_B
+    tokens = 8 * CHUNK_TOKENS if quick else STALL_PROMPT_TOKENS
+    chunks = tokens // CHUNK_TOKENS
+    flat, views = make_layer_views("LBNHC", blocks=chunks * CHUNK_BLOCKS, device=device, **cfg)
+    flat.random_(0, 256)
+    paged = PagedKV.from_layer_views(views)
+    shape = paged.chunk_shape(CHUNK_BLOCKS)
+    chunk_bytes = shape[0] * shape[1] * shape[2]
+    pool = MemoryPool(chunks, shape)
+    ids = [list(range(i * CHUNK_BLOCKS, (i + 1) * CHUNK_BLOCKS)) for i in range(chunks)]
+    gather_buffers = [torch.empty(shape, dtype=torch.uint8, device=device) for _ in range(DEFAULT_STORE_BUFFERS)]
+    device_api = None if cuda else _dry_run_device_api()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    new_timer = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else _WallEvent
+    reps = 1 if quick else 3
+    meta = run.results["meta"]
+    meta["store_stall"] = info = {"prompt_tokens": tokens, "chunks": chunks, "chunk_bytes": chunk_bytes}
+    info["pool_pinned"] = pool.pinned
+    sleep = {"cycles": 0, "ms": 0.0}
+
+    def measure(issue: Callable[[], None], then: Callable[[], object] = lambda: None) -> tuple[float, float]:
+        """(compute-stream ms of ``issue()``, host ms to queue it)."""
+        sync()
+        if cuda and sleep["cycles"]:
+            torch.cuda._sleep(sleep["cycles"])
+        start, end = new_timer(), new_timer()
+        start.record()
+        started = time.perf_counter()
+        issue()
+        host_ms = (time.perf_counter() - started) * 1e3
+        end.record()
+        then()
+        end.synchronize()
+        sync()
+        return start.elapsed_time(end), host_ms
+
+    def gathers() -> None:
+        for i in range(chunks):
+            ops.gather_blocks(paged, ids[i], gather_buffers[i % len(gather_buffers)])
+
+    def d2h() -> None:
+        for i in range(chunks):
+            pool.slot(i).copy_(gather_buffers[i % len(gather_buffers)], non_blocking=True)
+
+    def stores(mover: CudaBlockMover, prepare: bool) -> Callable[[], None]:
+        def issue() -> None:
+            if prepare:
+                mover.prepare_stores(chunks, chunk_bytes)
+            for i in range(chunks):
+                mover.store(ids[i], pool.slot(i), store_id=i, slot=i)
+
+        return issue
+
+    step_bytes = chunks * chunk_bytes
+    variants = [
+        (f"no prepare_stores (ring of {DEFAULT_STORE_BUFFERS})", False, DEFAULT_MAX_STAGING_BYTES),
+        (f"prepare_stores, cap {DEFAULT_MAX_STAGING_BYTES >> 20} MiB (default)", True, DEFAULT_MAX_STAGING_BYTES),
+        (f"prepare_stores, cap {step_bytes >> 20} MiB (the step)", True, step_bytes),
+    ]
+    movers = {label: CudaBlockMover(paged, max_staging_bytes=cap, device_api=device_api) for label, _, cap in variants}
+    # Two warm-up passes: the first compiles and grows the rings, the second times the host's
+    # queueing of each variant, which the sleep kernel must outlast.
+    for _ in range(2):
+        host_ms = [measure(gathers)[1]]
+        for label, prepare, _ in variants:
+            host_ms.append(measure(stores(movers[label], prepare), movers[label].wait_stores)[1])
+    if cuda:
+        calibrate_cycles = 10_000_000
+        ms_per_cycle = measure(lambda: torch.cuda._sleep(calibrate_cycles))[0] / calibrate_cycles
+        sleep["ms"] = 2 * max(host_ms) + 5
+        sleep["cycles"] = int(sleep["ms"] / ms_per_cycle)
+    info["sleep_ms"] = round(sleep["ms"], 2)
+
+    def best_of(issue, then=lambda: None) -> tuple[float, float]:
+        samples = [measure(issue, then) for _ in range(reps)]
+        return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+    gathers_ms, gathers_host_ms = best_of(gathers)
+    d2h_ms, _ = best_of(d2h)
+    common = dict(kind="stall", prompt_tokens=tokens, chunks=chunks, chunk_bytes=chunk_bytes, summary=False)
+    run.timing(
+        name="store stall: gathers alone (the ceiling)",
+        compute_ms=round(gathers_ms, 3),
+        us_per_chunk=round(gathers_ms / chunks * 1e3, 1),
+        host_issue_ms=round(gathers_host_ms, 2),
+        **common,
+    )
+    run.timing(name="store stall: pinned D2H copy_ of a chunk", us_per_chunk=round(d2h_ms / chunks * 1e3, 1), **common)
+    info["gathers_us_per_chunk"] = round(gathers_ms / chunks * 1e3, 1)
+    info["d2h_us_per_chunk"] = round(d2h_ms / chunks * 1e3, 1)
+    for label, prepare, cap in variants:
+        if run.left() < 15:
+            run.results["skipped"].append(f"store stall: {label}: time budget")
+            continue
+        mover = movers.pop(label)
+        ms, issue_ms = best_of(stores(mover, prepare), mover.wait_stores)
+        buffers, staging_bytes = mover.store_staging
+        ratio = round(ms / gathers_ms, 3)
+        fits = cuda and prepare and cap >= step_bytes  # dry-run figures are no device times
+        run.timing(
+            name=f"store stall: {label}",
+            compute_ms=round(ms, 3),
+            gathers_ms=round(gathers_ms, 3),
+            stall_us_per_chunk=round((ms - gathers_ms) / chunks * 1e3, 1),
+            ratio_vs_gathers=ratio,
+            target=TARGET_STALL_RATIO if fits else None,
+            meets=ratio <= TARGET_STALL_RATIO if fits else None,
+            prepared=prepare,
+            max_staging_bytes=cap,
+            staging_buffers=buffers,
+            staging_bytes=staging_bytes,
+            host_issue_ms=round(issue_ms, 2),
+            host_bound=cuda and issue_ms > sleep["ms"],
+            **common,
+        )
+        info[label] = {"stall_us_per_chunk": round((ms - gathers_ms) / chunks * 1e3, 1), "ratio_vs_gathers": ratio}
+        del mover
+        if cuda:
+            torch.cuda.empty_cache()
+    pool.close()
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -864,6 +1080,9 @@ def main() -> int:
             run.check("CudaBlockMover store/poll/load round trip", lambda: check_mover(device))
 
     run.section("correctness", 60, correctness)
+    run.section("store stall, 32k-token prompt", 30, lambda: time_store_stall(run, device, args.quick))
+    if device == "cuda":
+        torch.cuda.empty_cache()
     run.section("device timings", 60, lambda: time_device_copies(run, device, args.quick))
     if device == "cuda":
         run.section("host<->device timings", 30, lambda: time_host_copies(run, device, args.quick))

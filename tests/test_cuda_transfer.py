@@ -1,7 +1,9 @@
-"""CudaBlockMover on a real GPU: asynchronous stores into pinned slots, completion reporting, loads.
+"""CudaBlockMover on a real GPU: asynchronous stores into pinned slots, completion reporting, loads,
+ordering by slot number, and the staging ring grown by prepare_stores.
 
 Skipped without a CUDA device; benchmarks/gpu_check.py runs the same round trips on the GPU
-machine and records them.
+machine and records them, and tests/test_cuda_mover_ordering.py checks the mover's orderings on
+CPU through a fake device.
 """
 
 from __future__ import annotations
@@ -124,3 +126,49 @@ def test_bad_block_ids_raise_before_anything_moves(paged, pool):
     assert mover.wait_stores() == []
     assert torch.equal(paged.storage, before)
     assert (pool.buffer == 0xA5).all()
+
+
+def test_load_from_a_numbered_slot_sees_its_unreported_store(paged, pool):
+    """A load waits for the store into its own slot only, and still gets the stored bytes although
+    the next forward overwrote the blocks and the store was not reported yet."""
+    mover = mover_for(paged)
+    ids = list(range(8, 16))
+    expected = expected_chunk(paged, ids)
+    mover.store(list(range(16, 24)), pool.slot(1), store_id=1, slot=1)
+    mover.store(ids, pool.slot(0), store_id=2, slot=0)
+    for region in paged.regions:
+        region[ids] = 0
+    mover.load(pool.slot(0, 5, 2), [40, 41, 42, 43, 44], slot=0)
+    assert torch.equal(expected_chunk(paged, [40, 41, 42, 43, 44]), expected[:, 2:7])
+    assert mover.wait_stores() == [1, 2]
+
+
+def test_store_into_a_slot_right_after_a_load_from_it(paged, pool):
+    """The scheduler may reuse a slot as soon as a load from it returns."""
+    mover = mover_for(paged)
+    pool.buffer.random_(0, 256)
+    old = pool.slot(3).clone()
+    new_ids = list(range(0, 8))
+    expected = expected_chunk(paged, new_ids)
+    mover.load(pool.slot(3), list(range(48, 56)), slot=3)
+    mover.store(new_ids, pool.slot(3), store_id=5, slot=3)
+    assert torch.equal(expected_chunk(paged, list(range(48, 56))), old)
+    assert mover.wait_stores() == [5]
+    assert torch.equal(pool.slot(3), expected)
+
+
+def test_prepared_stores_get_their_own_staging_buffers(paged, pool):
+    """prepare_stores grows the ring for the step (and not past max_staging_bytes); the bytes stay right."""
+    mover = mover_for(paged, store_buffers=2, max_staging_bytes=5 * pool.slot_bytes)
+    mover.prepare_stores(6, pool.slot_bytes)
+    assert mover.store_staging == (5, 5 * pool.slot_bytes)
+    shuffled = random.Random(1).sample(range(BLOCKS), 6 * BLOCKS_PER_CHUNK)  # disjoint chunks
+    plans = [(slot, shuffled[slot * BLOCKS_PER_CHUNK : (slot + 1) * BLOCKS_PER_CHUNK]) for slot in range(6)]
+    expected = {slot: expected_chunk(paged, ids) for slot, ids in plans}
+    for slot, ids in plans:
+        mover.store(ids, pool.slot(slot), store_id=slot, slot=slot)
+        for region in paged.regions:
+            region[ids] = 0
+    assert mover.wait_stores() == list(range(6))
+    for slot, _ in plans:
+        assert torch.equal(pool.slot(slot), expected[slot]), slot
