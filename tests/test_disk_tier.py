@@ -11,12 +11,15 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from vllm_support import library_bytes
 
+from lmcache_connector.tiers.disk import folder as disk_folder
 from lmcache_connector.tiers.disk import format as disk_format
 from lmcache_connector.tiers.disk import store as disk
 from lmcache_connector.tiers.disk.catalog import DiskCatalog
@@ -27,6 +30,7 @@ from lmcache_connector.tiers.disk.format import (
     rank_tag,
     write_chunk,
 )
+from lmcache_connector.tiers.disk.lru import FileLRU
 from lmcache_connector.tiers.disk.store import DiskTier
 
 NS = "ab" * 16
@@ -343,6 +347,173 @@ def test_writes_far_from_the_bound_do_not_list_the_folder_each_time(tmp_path, mo
     assert len(listings) == 1
     first.close()
     second.close()
+
+
+# ---------------------------------------------------------------- steady state: a full folder
+
+
+def file_bytes() -> int:
+    """The size of every chunk file ``header(i)`` makes (fixed-width keys and checksum)."""
+    return len(disk_format.encode_header(replace(header(0), checksum="xxh3_64:" + "0" * 16))) + header(0).nbytes
+
+
+def bound_of(files: int) -> int:
+    return files * file_bytes() + disk.RECORD_BYTES  # the lock file counts its usage record
+
+
+def writer_calls(monkeypatch, name: str) -> list[str]:
+    """Paths given to ``os.<name>`` on the disk writers' threads, recorded as the calls happen."""
+    calls, real = [], getattr(os, name)
+
+    def counted(path, *args, **kwargs):
+        if threading.current_thread().name == "lmcache-disk-writer":
+            calls.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(disk.os, name, counted)
+    return calls
+
+
+def present(folder, ns: str = NS, upto: int = 1000) -> list[int]:
+    return [i for i in range(upto) if (Path(folder) / header(i, ns=ns).file_name).exists()]
+
+
+def write_one(tier: DiskTier, i: int, ns: str = NS) -> set[str]:
+    """Write chunk ``i`` and wait for it; the keys the tier reports evicted meanwhile."""
+    tier.submit_write(i, header(i, ns=ns), regions(chunk(0)))
+    assert tier.flush(10)
+    results, evicted = tier.take_results()
+    assert [r.ok for r in results] == [True]
+    return {k.hex() for k in evicted}
+
+
+def test_a_full_folder_evicts_in_batches_down_to_a_low_water_mark_without_listing_it(tmp_path, monkeypatch):
+    listings = writer_calls(monkeypatch, "scandir")
+    tier = DiskTier(str(tmp_path), bound_of(40), NS, rank_tag(0), fsync=False)
+    counts, evicted = [], set()
+    for i in range(200):
+        evicted |= write_one(tier, i)
+        assert library_bytes(tmp_path) <= bound_of(40)
+        counts.append(len(present(tmp_path, upto=i + 1)))
+    low = max(n for n in range(40) if n * file_bytes() + disk.RECORD_BYTES <= disk.LOW_WATER * bound_of(40))
+    batch = 40 + 1 - low  # a batch leaves the folder at 90% of its bound, the new file included (35 files)
+    drops = [before + 1 - after for before, after in zip(counts, counts[1:], strict=False) if after <= before]
+    assert batch >= 4 and drops == [batch] * -(-(200 - 40) // batch)  # 27 batches of 6, not 160 evictions of 1
+    assert max(counts) == 40 and min(counts[40:]) == low
+    assert len(listings) == 1  # the first write found no usage figure; every eviction used what the tier knew
+    kept = present(tmp_path)
+    assert kept == list(range(200 - len(kept), 200))  # least recently used first
+    assert evicted == {header(i).key for i in range(200)} - {header(i).key for i in kept}  # the scheduler forgets them
+    tier.close()
+
+
+def test_eviction_keeps_a_file_that_another_process_used_since(tmp_path, monkeypatch):
+    tier = DiskTier(str(tmp_path), bound_of(10), NS, rank_tag(0), fsync=False)
+    for i in range(10):
+        write_one(tier, i)
+    touch = "import os, sys, time; t = time.time(); os.utime(sys.argv[1], (t, t))"  # the catalog, on a hit
+    subprocess.run([sys.executable, "-c", touch, str(tmp_path / header(0).file_name)], check=True, timeout=60)
+    listings = writer_calls(monkeypatch, "scandir")
+    evicted = write_one(tier, 10)
+    assert evicted == {header(i).key for i in (1, 2, 3)}  # a batch of 3, down to 8 files: chunk 0 stays
+    assert present(tmp_path) == [0, *range(4, 11)]
+    assert not listings  # the tier looked at its oldest files only
+    tier.close()
+
+
+def test_files_another_engine_evicted_are_forgotten(tmp_path, monkeypatch):
+    ours = DiskTier(str(tmp_path), bound_of(10), NS, rank_tag(0), fsync=False)
+    for i in range(10):
+        write_one(ours, i)
+    other = DiskTier(str(tmp_path), bound_of(10), OTHER_NS, rank_tag(0), fsync=False)
+    for i in range(3):
+        assert write_one(other, i, OTHER_NS) == set()  # it removed chunks of ours: not its keys to report
+        assert library_bytes(tmp_path) <= bound_of(10)
+    gone = [i for i in range(10) if i not in present(tmp_path)]
+    assert gone == [0, 1, 2]  # the other engine evicted the folder's oldest files (it listed the folder)
+    stats = writer_calls(monkeypatch, "stat")
+    evicted = set()
+    for i in range(10, 20):
+        evicted |= write_one(ours, i)
+        assert library_bytes(tmp_path) <= bound_of(10)
+    vanished = {str(tmp_path / header(i).file_name) for i in gone}
+    assert sorted(p for p in stats if p in vanished) == sorted(vanished)  # looked at once each, then forgotten
+    removed = set(range(20)) - set(gone) - set(present(tmp_path, upto=20))
+    assert evicted == {header(i).key for i in removed}  # what it removed itself, not what had vanished
+    ours.close()
+    other.close()
+
+
+def test_a_folder_full_of_another_engines_files_is_listed_once_and_evicted_oldest_first(tmp_path, monkeypatch):
+    other = DiskTier(str(tmp_path), bound_of(20), OTHER_NS, rank_tag(0), fsync=False)
+    for i in range(20):
+        write_one(other, i, OTHER_NS)
+    other.close()  # an engine that stopped: its files are only found by listing the folder
+    listings = writer_calls(monkeypatch, "scandir")
+    tier = DiskTier(str(tmp_path), bound_of(20), NS, rank_tag(0), fsync=False)
+    for i in range(30):
+        write_one(tier, i)
+        assert library_bytes(tmp_path) <= bound_of(20)
+        left = present(tmp_path, OTHER_NS, upto=20)
+        assert left == list(range(20 - len(left), 20))  # the other engine's oldest went first
+    assert not present(tmp_path, OTHER_NS, upto=20) and present(tmp_path)[-1] == 29
+    assert len(listings) == 1  # at the first eviction; it knew every file afterwards
+    tier.close()
+
+
+def test_a_new_writer_evicts_other_engines_older_files_before_its_own(tmp_path):
+    other = DiskTier(str(tmp_path), bound_of(10), OTHER_NS, rank_tag(0), fsync=False)
+    for i in range(4):
+        write_one(other, i, OTHER_NS)
+    tier = DiskTier(str(tmp_path), bound_of(10), NS, rank_tag(0), fsync=False)
+    for i in range(7):
+        write_one(tier, i)
+    assert present(tmp_path, OTHER_NS, upto=4) == [3] and present(tmp_path) == list(range(7))  # a batch of 3
+    tier.close()
+    other.close()
+
+
+def test_rewriting_a_chunk_does_not_count_it_twice(tmp_path):
+    tier = DiskTier(str(tmp_path), bound_of(3), NS, rank_tag(0), fsync=False)
+    write_one(tier, 0)
+    for _ in range(10):
+        assert write_one(tier, 1) == set()  # the rename replaced the old file: the figure says so
+    assert present(tmp_path) == [0, 1]
+    tier.close()
+
+
+def test_files_leave_a_cache_folder_only_through_folder_remove(tmp_path):
+    for name in (".lmc.lock", "notes.txt", "model.safetensors"):
+        (tmp_path / name).write_text("not a chunk")
+        with pytest.raises(ValueError):
+            disk_folder.remove(str(tmp_path / name))
+        assert (tmp_path / name).exists()
+    write_chunk(str(tmp_path), header(0), regions(chunk(0)))
+    assert disk_folder.remove(str(tmp_path / header(0).file_name)) is True
+    assert disk_folder.remove(str(tmp_path / header(0).file_name)) is False  # already gone: not an error
+    package = Path(disk.__file__).parents[2]
+    deleting = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name != "folder.py" and any(call in path.read_text() for call in ("os.unlink(", "os.remove("))
+    ]
+    assert not deleting
+
+
+def test_file_lru_orders_by_mtime_and_follows_what_the_writer_finds():
+    lru = FileLRU()
+    for name, mtime in (("a", 3.0), ("b", 1.0), ("c", 2.0)):
+        lru.add(name, mtime, 10)
+    assert lru.oldest() == ("b", 1.0, 10) and lru.bytes == 30
+    lru.add("b", 5.0, 12)  # touched since: now the youngest
+    assert lru.oldest() == ("c", 2.0, 10) and lru.bytes == 32
+    assert lru.discard("c") == 10 and lru.discard("c") == 0
+    assert [lru.oldest()[0], len(lru), lru.bytes] == ["a", 2, 22]
+    lru.reset([(9.0, 1, "x"), (8.0, 2, "y")])
+    assert lru.oldest() == ("y", 8.0, 2) and lru.bytes == 3 and "a" not in lru
+    for i in range(5000):  # outdated heap items are dropped, not kept forever
+        lru.add("x", 10.0 + i, 1)
+    assert len(lru._heap) < 2 * len(lru) + 1100
 
 
 def test_close_writes_every_queued_chunk(tmp_path, monkeypatch):

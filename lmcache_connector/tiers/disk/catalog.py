@@ -31,6 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from lmcache_connector.tiers.disk.folder import remove_quietly
 from lmcache_connector.tiers.disk.format import (
     SUFFIX,
     TMP_SUFFIX,
@@ -330,7 +331,4 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    remove_quietly(path)  # every deletion in a cache folder goes through folder.py

@@ -1,7 +1,20 @@
-"""``lmcache-connector disk stats|verify|clear``: look after a disk-tier folder offline.
+"""A disk-tier folder's files: how a chunk file gets in, the one way files get out, and offline care.
 
-Plain functions over a folder, each returning a dataclass that the command prints as text or JSON.
-They read the folder only through :mod:`lmcache_connector.tiers.disk.format`, so what they call a
+* **In:** :func:`reserve_temp` creates a temporary file at the chunk's full size (so every process
+  counting the folder sees it), :func:`fill` writes it, :func:`publish` renames it into place (the
+  chunk appears whole or not at all) and :func:`abandon` removes it after a failure.
+  :func:`write_chunk` does all of it in one call (tests and tools; the disk tier's writer does the
+  steps under its folder lock).
+* **Out:** :func:`remove` is the only place any file of a cache folder is deleted (evictions,
+  corrupt or unusable files, a cache reset, crashed writers' leftovers, ``disk clear`` and
+  ``disk verify --delete``). It removes this library's files only: chunk and temporary files,
+  never the lock file or anything else. It does not change the folder's shared usage figure
+  (:mod:`lmcache_connector.tiers.disk.store`): only an eviction under the lock does, so a removal
+  elsewhere leaves the figure too high (an early eviction), never too low.
+* **Offline** (``lmcache-connector disk stats|verify|clear``): plain functions over a folder, each
+  returning a dataclass that the command prints as text or JSON.
+
+Everything here names files through :mod:`lmcache_connector.tiers.disk.format`, so what it calls a
 chunk, a temporary file or someone else's file is exactly what the disk tier calls one:
 
 * *chunk files* — named ``<namespace16>-<rank>-<key>.lmc.safetensors``;
@@ -22,19 +35,126 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from lmcache_connector.tiers.disk.format import (
     LOCK_NAME,
+    SUFFIX,
     TMP_SUFFIX,
     ChunkFileError,
     ChunkHeader,
     ForeignChunkError,
+    checksum,
+    encode_header,
     is_ours,
     parse_file_name,
     read_chunk_into,
     read_header,
 )
+
+# ---------------------------------------------------------------- in: writing a chunk file
+
+
+@dataclass
+class PendingWrite:
+    """A temporary file reserved at its final size (so every process counting the folder sees it)."""
+
+    fd: int
+    temp: str
+    final: str
+
+
+def reserve_temp(folder: str, header: ChunkHeader, size: int) -> PendingWrite:
+    final = os.path.join(folder, header.file_name)
+    temp = f"{final[: -len(SUFFIX)]}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        remove_quietly(temp)
+        raise
+    return PendingWrite(fd, temp, final)
+
+
+def fill(pending: PendingWrite, encoded_header: bytes, regions: Sequence[memoryview], fsync: bool = True) -> None:
+    """Write the header and bytes into the reserved file and close it. On failure the caller abandons it."""
+    _write_all(pending.fd, [memoryview(encoded_header), *regions])
+    if fsync:
+        os.fsync(pending.fd)
+    os.close(pending.fd)
+    pending.fd = -1
+
+
+def publish(pending: PendingWrite) -> None:
+    """Rename a filled temporary file into place: the chunk appears whole or not at all."""
+    os.rename(pending.temp, pending.final)
+
+
+def abandon(pending: PendingWrite) -> None:
+    if pending.fd >= 0:
+        os.close(pending.fd)
+        pending.fd = -1
+    remove_quietly(pending.temp)
+
+
+def write_chunk(folder: str, header: ChunkHeader, regions: Sequence[memoryview], fsync: bool = True) -> int:
+    """Write one chunk atomically, outside any lock; return the file's size. Raises ``OSError`` (e.g. ENOSPC).
+
+    The folder's usage figure does not count the file: this is for tests and tools, not for an
+    engine sharing the folder (its writer is :class:`lmcache_connector.tiers.disk.store.DiskTier`).
+    """
+    header = replace(header, checksum=checksum(regions))
+    encoded = encode_header(header)
+    pending = reserve_temp(folder, header, len(encoded) + header.nbytes)
+    try:
+        fill(pending, encoded, regions, fsync)
+        publish(pending)
+    except BaseException:
+        abandon(pending)
+        raise
+    return len(encoded) + header.nbytes
+
+
+def _write_all(fd: int, buffers: list[memoryview]) -> None:
+    pending = [b.cast("B") if b.format != "B" else b for b in buffers]
+    while pending:
+        written = os.writev(fd, pending[:1024])
+        while written and pending:
+            if written >= len(pending[0]):
+                written -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
+
+
+# ---------------------------------------------------------------- out: the one removal
+
+
+def remove(path: str) -> bool:
+    """Delete one of this library's files from a cache folder; every deletion goes through here.
+
+    True when this call removed it, False when it was already gone (another engine evicted it).
+    Any other error (a read-only folder, say) is raised. Refuses the lock file and every file that
+    is not this library's (:func:`~lmcache_connector.tiers.disk.format.is_ours`).
+    """
+    if not is_ours(os.path.basename(path)):
+        raise ValueError(f"{path}: not a chunk or temporary file of lmcache_connector; it is never removed")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def remove_quietly(path: str) -> bool:
+    """:func:`remove` for cleanup that must not fail its caller: False when the file could not be removed."""
+    try:
+        return remove(path)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -227,9 +347,8 @@ def remove_files(entries: list[_Entry]) -> tuple[int, int, list[str]]:
     errors = []
     for entry in entries:
         try:
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue  # already gone (evicted)
+            if not remove(entry.path):
+                continue  # already gone (evicted)
         except OSError as exc:
             errors.append(f"{entry.path}: {exc.strerror}")
             continue
@@ -239,10 +358,9 @@ def remove_files(entries: list[_Entry]) -> tuple[int, int, list[str]]:
 
 
 def _remove(path: str) -> bool:
+    """True when the file is gone (removed now, or already)."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return True
+        remove(path)
     except OSError:
         return False
     return True

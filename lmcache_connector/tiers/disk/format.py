@@ -11,7 +11,7 @@ file without an intermediate copy)::
 the rank), the fingerprint of every block boundary in the chunk (so a restarted engine rebuilds the
 block-granular index from headers alone) and an xxh3-64 checksum of the bytes, verified on every
 load. Files are written under a temporary name and renamed into place, so a crash never leaves a
-half-written file under a chunk's name.
+half-written file under a chunk's name (the writing itself, and every removal, is in ``folder.py``).
 
 File names: ``<namespace16>-<rank>-<key>.lmc.safetensors``; temporary files end in ``.lmc.tmp``
 and carry the writer's pid, so a start-up can tell an abandoned one from a write in progress.
@@ -130,91 +130,14 @@ def encode_header(header: ChunkHeader) -> bytes:
 
 
 def write_chunk(folder: str, header: ChunkHeader, regions: Sequence[memoryview], fsync: bool = True) -> int:
-    """Write one chunk atomically; return the file's size. Raises ``OSError`` (e.g. ENOSPC)."""
-    header = _with_checksum(header, regions)
-    encoded = encode_header(header)
-    pending = reserve_temp(folder, header, len(encoded) + header.nbytes)
-    commit(pending, encoded, regions, fsync)
-    return len(encoded) + header.nbytes
+    """Write one chunk file atomically: :func:`lmcache_connector.tiers.disk.folder.write_chunk`.
 
+    Writing a file into a folder is a folder operation and lives in ``folder.py``; this name stays
+    for existing callers. Imported on call: ``folder.py`` imports this module.
+    """
+    from lmcache_connector.tiers.disk import folder as disk_folder
 
-@dataclass
-class PendingWrite:
-    """A temporary file reserved at its final size (so every process counting the folder sees it)."""
-
-    fd: int
-    temp: str
-    final: str
-
-
-def reserve_temp(folder: str, header: ChunkHeader, size: int) -> PendingWrite:
-    final = os.path.join(folder, header.file_name)
-    temp = f"{final[: -len(SUFFIX)]}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(temp)
-        raise
-    return PendingWrite(fd, temp, final)
-
-
-def commit(pending: PendingWrite, encoded_header: bytes, regions: Sequence[memoryview], fsync: bool = True) -> None:
-    """Write the header and bytes into the reserved file, then rename it into place (or remove it)."""
-    try:
-        fill(pending, encoded_header, regions, fsync)
-        publish(pending)
-    except BaseException:
-        abandon(pending)
-        raise
-
-
-def fill(pending: PendingWrite, encoded_header: bytes, regions: Sequence[memoryview], fsync: bool = True) -> None:
-    """Write the header and bytes into the reserved file and close it. On failure the caller abandons it."""
-    _write_all(pending.fd, [memoryview(encoded_header), *regions])
-    if fsync:
-        os.fsync(pending.fd)
-    os.close(pending.fd)
-    pending.fd = -1
-
-
-def publish(pending: PendingWrite) -> None:
-    """Rename a filled temporary file into place: the chunk appears whole or not at all."""
-    os.rename(pending.temp, pending.final)
-
-
-def abandon(pending: PendingWrite) -> None:
-    if pending.fd >= 0:
-        os.close(pending.fd)
-        pending.fd = -1
-    _unlink_quietly(pending.temp)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _with_checksum(header: ChunkHeader, regions: Sequence[memoryview]) -> ChunkHeader:
-    from dataclasses import replace
-
-    return replace(header, checksum=checksum(regions))
-
-
-def _write_all(fd: int, buffers: list[memoryview]) -> None:
-    pending = [b.cast("B") if b.format != "B" else b for b in buffers]
-    while pending:
-        written = os.writev(fd, pending[:1024])
-        while written and pending:
-            if written >= len(pending[0]):
-                written -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
+    return disk_folder.write_chunk(folder, header, regions, fsync)
 
 
 # ---------------------------------------------------------------- reading

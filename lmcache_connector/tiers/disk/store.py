@@ -7,13 +7,24 @@
   exclusive lock on ``.lmc.lock``, and the lock file holds the folder's usage as its last holder
   left it: every file of this library in the folder (every namespace and engine, temporary files
   included). The writer adds the file it reserves (at its full size, before writing it) and
-  subtracts what it deletes, so no writer relies on a figure of its own that others have moved on
-  from; the finished file is renamed into place under the lock too, so a listing never misses it.
-  The folder is listed only when the new file would not fit — then least-recently-used chunk files
-  (oldest modification time first) are deleted until it does — or when the figure was measured
-  more than ``USAGE_MEASURE_S`` ago, once for all writers. Files removed outside the lock (a
-  corrupt file found by a read, ``lmcache-connector disk clear``) only make the figure too high,
-  which costs an early listing, never an overshoot.
+  subtracts what it evicts and the file its rename replaced, so no writer relies on a figure of its
+  own that others have moved on from; the finished file is renamed into place under the lock too,
+  so a listing never misses it.
+* Eviction without listing the folder. Each writer keeps an LRU (:mod:`.lru`) of the chunk files it
+  knows — those it wrote, and every chunk file (any engine's) its last listing found — with their
+  byte total. When a new file would not fit, the oldest known files are deleted in one batch until
+  the folder is down to ``LOW_WATER`` of its bound with the new file, so the next writes fit without
+  evicting. Each candidate is looked at first (one ``stat``): a file touched since the writer last
+  saw it (the catalog refreshes a file's mtime on every hit, from the scheduler process) takes its
+  new place in the order and stays; a file that is gone (another engine evicted it, a cache reset
+  removed it) is forgotten. Files that evicting frees count only if this writer removed them.
+* The folder is listed (every file stat'ed, under the lock) only when the figure is missing, when
+  it was measured more than ``USAGE_MEASURE_S`` ago (once for all writers), and before an eviction
+  if this writer's own listing is that old or the files it knows cannot make room (the folder is
+  full of files written by others since it last looked): other engines' files enter the LRU
+  through these listings. Files removed outside the lock (a corrupt file found by a read, the
+  catalog's deletions and reset, ``lmcache-connector disk clear``) only make the figure too high,
+  which costs an early eviction until the next listing, never an overshoot.
 * ``read_into`` reads a chunk file into a slot and verifies its header and checksum; a corrupt or
   truncated file is deleted and reported, a missing one (evicted by another engine) is a miss.
 * Failures, by errno. A full disk or quota (ENOSPC, EDQUOT) is transient: the write is dropped (a
@@ -43,6 +54,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from lmcache_connector.tiers.disk.folder import (
+    PendingWrite,
+    abandon,
+    fill,
+    publish,
+    remove,
+    remove_quietly,
+    reserve_temp,
+)
 from lmcache_connector.tiers.disk.format import (
     LOCK_NAME,
     SUFFIX,
@@ -51,20 +71,17 @@ from lmcache_connector.tiers.disk.format import (
     ChunkHeader,
     ForeignChunkError,
     MissingChunkError,
-    PendingWrite,
-    abandon,
     checksum,
     encode_header,
-    fill,
     parse_file_name,
-    publish,
     read_chunk_into,
-    reserve_temp,
 )
+from lmcache_connector.tiers.disk.lru import FileLRU
 
 logger = logging.getLogger("lmcache_connector")
 
-USAGE_MEASURE_S = 1.0  # the folder is listed again when the shared figure is older than this
+USAGE_MEASURE_S = 30.0  # the folder is listed again when the shared figure (or this writer's view) is older
+LOW_WATER = 0.9  # an eviction frees room down to this share of the bound, so the next writes need none
 DISK_FULL_RETRY_S = 5.0  # after ENOSPC/EDQUOT, writes are dropped untried for this long
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 STOPS_WRITES_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
@@ -111,6 +128,9 @@ class DiskTier:
         self._full_since: float | None = None
         self._dropped_while_full = 0
         self._lock_fd = -1
+        # Only the writer thread uses these: the chunk files this writer knows, and when it last listed them.
+        self._lru = FileLRU()
+        self._listed_at = -float("inf")  # time.monotonic()
         try:
             self._open_folder()
         except OSError as exc:
@@ -225,11 +245,24 @@ class DiskTier:
         try:
             fill(pending, encoded, job.regions, self.fsync)
             with self._folder_lock():  # a listing in progress would miss a file renamed under it
-                publish(pending)
+                self._publish(pending)
         except BaseException:
             self._abandon(pending, size)
             raise
+        self._lru.add(header.file_name, time.time(), size)  # at or after its mtime: a later touch shows
         return size
+
+    def _publish(self, pending: PendingWrite) -> None:
+        """With the lock held: rename into place; a file of the same name it replaces leaves the figure."""
+        try:
+            replaced = os.stat(pending.final).st_size
+        except FileNotFoundError:
+            replaced = 0
+        publish(pending)
+        if replaced:
+            record = self._load_usage()
+            if record is not None:
+                self._store_usage(max(0, record[0] - replaced), record[1])
 
     def _abandon(self, pending: PendingWrite, size: int) -> None:
         """Remove a reserved file that could not be written, and take it out of the shared figure.
@@ -260,29 +293,64 @@ class DiskTier:
         os.pwrite(self._lock_fd, _RECORD.format(usage=usage, measured_at=measured_at).encode(), 0)
 
     def _make_room(self, size: int) -> tuple[int, float]:
-        """With the folder lock held: delete least-recently-used chunk files until ``size`` fits.
+        """With the folder lock held: evict least-recently-used chunk files if ``size`` does not fit.
 
         Returns the folder's usage afterwards and when it was measured; the caller checks the fit.
         """
         record = self._load_usage()
         now = time.time()
-        if record is not None and 0 <= now - record[1] <= USAGE_MEASURE_S and record[0] + size <= self.max_bytes:
-            return record
-        files, usage = self._measure()
-        if usage + size > self.max_bytes:
-            for _mtime, nbytes, name in sorted(files):  # oldest first
-                try:
-                    os.unlink(os.path.join(self.folder, name))
-                except FileNotFoundError:
-                    pass
-                usage -= nbytes
-                parsed = parse_file_name(name)
-                if parsed and parsed[0] == self.namespace_hex[:16]:
-                    self._evicted.append(bytes.fromhex(parsed[2]))
-                if usage + size <= self.max_bytes:
-                    break
-        self._store_usage(usage, now)
-        return usage, now
+        listed = record is None or not 0 <= now - record[1] <= USAGE_MEASURE_S
+        usage, measured_at = (self._list(), now) if listed else record
+        if usage + size <= self.max_bytes:
+            if listed:
+                self._store_usage(usage, measured_at)
+            return usage, measured_at
+        stale_view = time.monotonic() - self._listed_at > USAGE_MEASURE_S
+        if not listed and (stale_view or usage + size - self._lru.bytes > self.max_bytes):
+            usage, measured_at, listed = self._list(), now, True  # look at what others wrote first
+        goal = int(self.max_bytes * LOW_WATER)
+        usage = self._evict(usage, size, goal)
+        if usage + size > self.max_bytes and not listed:
+            usage, measured_at = self._list(), now  # the files it knew were gone: the folder holds others
+            usage = self._evict(usage, size, goal)
+        self._store_usage(usage, measured_at)
+        return usage, measured_at
+
+    def _evict(self, usage: int, size: int, goal: int) -> int:
+        """Delete the oldest known chunk files until ``usage + size <= goal`` or none is left; the new usage.
+
+        Each candidate is stat'ed first: one touched since (younger than known) moves up the order
+        and stays; one that is gone is forgotten. Only what this call removes leaves the figure.
+        """
+        while usage + size > goal:
+            oldest = self._lru.oldest()
+            if oldest is None:
+                break
+            name, known_mtime, _ = oldest
+            path = os.path.join(self.folder, name)
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                self._lru.discard(name)
+                continue
+            if stat.st_mtime > known_mtime:
+                self._lru.add(name, stat.st_mtime, stat.st_size)  # used since: its new place in the order
+                continue
+            self._lru.discard(name)
+            if not remove(path):
+                continue
+            usage -= stat.st_size
+            parsed = parse_file_name(name)
+            if parsed and parsed[0] == self.namespace_hex[:16]:
+                self._evicted.append(bytes.fromhex(parsed[2]))
+        return max(usage, RECORD_BYTES)
+
+    def _list(self) -> int:
+        """With the folder lock held: list the folder, know every chunk file in it; its usage."""
+        chunks, usage = self._measure()
+        self._lru.reset(chunks)
+        self._listed_at = time.monotonic()
+        return usage
 
     def _measure(self) -> tuple[list[tuple[float, int, str]], int]:
         """This library's files in the folder: ``(mtime, size, name)`` of each chunk, and the total bytes.
@@ -324,10 +392,7 @@ class DiskTier:
             raise
         except ChunkFileError as exc:
             logger.warning("Removing corrupt cache file %s: %s", os.path.basename(path), exc)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            remove_quietly(path)
             raise
 
     # ------------------------------------------------------------ shutdown
