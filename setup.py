@@ -28,7 +28,9 @@ setup(
         "xxhash>=3",  # disk-tier checksums
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "requests>=2", "kubernetes-validate==1.37.0"],
+        # ruff is pinned: scripts/test.sh fails on any finding, and a new ruff brings new rules.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "requests>=2", "kubernetes-validate==1.37.0", "ruff==0.17.6"],
+        "bench": ["pytest-benchmark>=5"],  # benchmarks/micro
         "redis": ["redis>=5"],
         "s3": ["boto3>=1.34"],
     },

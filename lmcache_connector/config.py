@@ -9,6 +9,10 @@ Sources, lowest to highest priority (as in LMCache):
 Every invalid value is a :class:`ConfigError` that names where the value came from, the bad value and
 what is accepted. All errors are collected, so one start shows every mistake at once. Unknown
 ``LMCACHE_*`` variables and unknown keys are warnings that suggest the closest known name.
+
+URLs are checked by the grammar in :mod:`lmcache_connector.urls` and kept as the text given; a
+password in one never reaches a message, a log line or ``lmcache-connector config``
+(:meth:`LMCacheConfig.redacted_dict`, ``repr()``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
+
+from lmcache_connector.urls import RemoteUrl, parse_redis_url, parse_remote_url, redacted_url
 
 logger = logging.getLogger("lmcache_connector")
 
@@ -36,6 +42,9 @@ _IGNORED_ENV = {
 }
 
 GB = 1024**3
+
+# Settings whose values may carry a password (user:password@host): shown through redacted_url().
+URL_SETTINGS = ("remote_url", "lookup_url", "distributed_url")
 
 
 class ConfigError(ValueError):
@@ -67,6 +76,8 @@ class LMCacheConfig:
     load_failure_policy: str = "recompute"
     disk_flush_timeout_secs: float = 10.0
     disk_rescan_interval_secs: float = 10.0
+    disk_async_fills: bool = True
+    extra_tiers: str | None = None
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -76,14 +87,35 @@ class LMCacheConfig:
     def max_local_disk_bytes(self) -> int:
         return int(self.max_local_disk_size * GB) if self.local_disk else 0
 
+    @property
+    def parsed_remote_url(self) -> RemoteUrl | None:
+        return parse_remote_url(self.remote_url) if self.remote_url else None
+
+    @property
+    def parsed_lookup_url(self) -> RemoteUrl | None:
+        return parse_redis_url(self.lookup_url) if self.lookup_url else None
+
     def as_dict(self) -> dict[str, Any]:
+        """Every setting, passwords included: never print this; print :meth:`redacted_dict`."""
         return dataclasses.asdict(self)
+
+    def redacted_dict(self) -> dict[str, Any]:
+        """Every setting, with any password in a URL shown as ``***``: what may be printed or logged."""
+        values = self.as_dict()
+        for key in URL_SETTINGS:
+            if values[key] is not None:
+                values[key] = redacted_url(values[key])
+        return values
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{key}={value!r}" for key, value in self.redacted_dict().items())
+        return f"LMCacheConfig({shown})"
 
     def unavailable_tiers(self) -> list[str]:
         """Settings that name a tier this version cannot serve yet (logged once at start)."""
         tiers = []
         if self.remote_url:
-            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={self.remote_url})")
+            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)})")
         if self.enable_p2p:
             tiers.append("peer-to-peer sharing (LMCACHE_ENABLE_P2P)")
         return tiers
@@ -162,30 +194,35 @@ def _parse_disk_path(raw: Any) -> str | None:
     return os.path.normpath(text)
 
 
-REMOTE_SCHEMES = ("redis", "rediss", "s3", "lm", "unix", "redis-sentinel", "valkey", "resp")
-
-
 def _parse_remote_url(raw: Any) -> str | None:
     text = _parse_optional_text(raw)
     if text is None:
         return None
-    scheme = urlparse(text).scheme
-    if scheme not in REMOTE_SCHEMES:
-        raise ValueError("expected a URL with one of the schemes " + ", ".join(s + "://" for s in REMOTE_SCHEMES))
-    if scheme != "unix" and not urlparse(text).netloc:
-        raise ValueError(f"expected {scheme}://HOST[:PORT]...; the host is missing")
+    parse_remote_url(text)  # the grammar's ValueError says what is wrong and lists the accepted forms
     return text
 
 
 def _parse_lookup_url(raw: Any) -> str | None:
+    """A Redis URL of any form; plain HOST[:PORT] is kept as redis://HOST[:PORT]."""
     text = _parse_optional_text(raw)
     if text is None:
         return None
-    parsed = urlparse(text if "://" in text else "redis://" + text)
-    _check_port(parsed)
-    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
-        raise ValueError("expected a Redis address: redis://HOST:PORT or HOST:PORT")
-    return text
+    parse_redis_url(text)
+    return text if "://" in text else "redis://" + text
+
+
+def _parse_remote_serde(raw: Any) -> str:
+    # LMCache's kivi and cachegen are lossy KV codecs; this connector has none, and accepting their
+    # names would make a user believe their values are compressed.
+    text = str(raw).strip().strip("\"'").lower()
+    if text == "naive":
+        return text
+    if text in ("kivi", "cachegen"):
+        raise ValueError(
+            f"{text} is not available: this connector stores raw bytes (naive) only; "
+            "set naive or leave the setting unset"
+        )
+    raise ValueError("expected naive (raw bytes, the only encoding this connector stores)")
 
 
 def _parse_host_port(raw: Any) -> str | None:
@@ -228,10 +265,15 @@ SETTINGS: dict[str, _Setting] = {
     "max_local_cpu_size": _Setting(_parse_gb, "Size of the CPU-memory tier in GB; it never grows past this."),
     "local_disk": _Setting(_parse_disk_path, "Folder of the local disk tier (a path or file:// URL)."),
     "max_local_disk_size": _Setting(_parse_gb, "Size bound of the disk tier in GB; required when local_disk is set."),
-    "remote_url": _Setting(_parse_remote_url, "Remote tier URL (redis://, s3://, ...)."),
-    "remote_serde": _Setting(_choice("naive", "kivi", "cachegen"), "Serialization of remote values."),
+    "remote_url": _Setting(
+        _parse_remote_url,
+        "Remote tier URL: redis://, rediss://, unix://, redis-sentinel://, redis-cluster://, s3:// or lm://.",
+    ),
+    "remote_serde": _Setting(_parse_remote_serde, "Encoding of remote values: naive (raw bytes), the only one."),
     "enable_p2p": _Setting(_parse_bool, "Share chunks with peer instances found through the lookup registry."),
-    "lookup_url": _Setting(_parse_lookup_url, "Lookup registry for P2P (redis://HOST:PORT)."),
+    "lookup_url": _Setting(
+        _parse_lookup_url, "Lookup registry for P2P: a Redis URL (redis://HOST:PORT, rediss://, ...) or HOST:PORT."
+    ),
     "distributed_url": _Setting(_parse_host_port, "This instance's HOST:PORT that peers fetch chunks from."),
     "save_unfull_chunk": _Setting(_parse_bool, "Also store the last, partial chunk of a prompt (LMCache: False)."),
     "blocking_timeout_secs": _Setting(_parse_seconds, "Timeout of a blocking remote read, in seconds."),
@@ -251,6 +293,15 @@ SETTINGS: dict[str, _Setting] = {
     ),
     "disk_rescan_interval_secs": _Setting(
         _parse_seconds, "How often the disk folder is rescanned for chunks other engines wrote or evicted."
+    ),
+    "disk_async_fills": _Setting(
+        _parse_bool,
+        "Read disk chunks in the background (vLLM's asynchronous-load path) so a slow read never stalls "
+        "the batch; False reads them on the model thread before the step's forward.",
+    ),
+    "extra_tiers": _Setting(
+        _parse_optional_text,
+        "Secondary media to load from outside the package: module:factory[,module:factory...].",
     ),
 }
 
@@ -304,7 +355,8 @@ def _apply(values: dict[str, Any], problems: list[str], key: str, raw: Any, sour
     try:
         values[key] = SETTINGS[key].parse(raw)
     except ValueError as exc:
-        problems.append(f"{source}={raw!r}: {exc}")
+        shown = redacted_url(raw) if key in URL_SETTINGS and isinstance(raw, str) else raw
+        problems.append(f"{source}={shown!r}: {exc}")
 
 
 def _read_yaml(path: str, problems: list[str]) -> dict[str, Any]:

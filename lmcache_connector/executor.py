@@ -1,17 +1,23 @@
-"""The worker-side half: moves bytes between vLLM's paged KV cache, the memory pool and the disk.
+"""The worker-side core: runs each step's plan over the paged KV cache, the memory pool and the
+secondary tiers' stores. It imports no vLLM (the connector hands it vLLM's per-layer KV views and
+the plan; a custom engine can do the same). One instance per rank:
 
-* ``register_kv_caches`` — views the KV cache as rows of bytes, allocates the pool once, opens the
-  disk tier. If that fails the worker is *disabled*: it reports so every step, and the scheduler
-  stops matching and storing (nothing stays pinned waiting for a worker that will never answer).
+* ``register_kv_caches`` — views the KV cache as rows of bytes, allocates the pool once, opens each
+  configured medium's store. If that fails the worker is *disabled*: it reports so every step, and
+  the scheduler stops matching and storing (nothing stays pinned waiting for a worker that will
+  never answer).
 * ``start_load_kv`` (before the forward) — first invalidates every slot this step hands out, then
-  runs the fills (chunk files read into their slots, verified by checksum), then the loads. A slot
+  runs the fills (chunks read from a secondary into their slots, verified), then the loads. A slot
   is loadable only once its store or fill has completed, so a load never copies bytes an evicted
-  chunk left in the slot. A load that fails is reported through ``get_block_ids_with_load_errors``
-  so vLLM recomputes those blocks: wrong KV never reaches attention.
+  chunk left in the slot. A load that fails is reported through ``take_load_errors`` so vLLM
+  recomputes those blocks: wrong KV never reaches attention. Background loads (a request vLLM
+  parks in ``WAITING_FOR_REMOTE_KVS``) start their fills on a background thread here.
 * ``wait_for_save`` (after the forward) — copies the blocks of each planned store into its slot,
   except stores computed from a block whose load failed in this step (they would hold KV computed
-  by attention over wrong bytes); once a store's bytes are complete, its disk write (if planned) is
-  queued for the background writer.
+  by attention over wrong bytes); once a store's bytes are complete, its writes to the secondaries
+  are queued to their background writers.
+* ``finished_loads`` (end of step) — background loads whose fills are done copy their slots into
+  the request's blocks on this thread and are reported finished (done or failed).
 * ``take_report`` — per job, this rank's outcome (done or failed), for the scheduler's ledger.
 
 The worker's rank is a parameter (vLLM's parallel state in production), so tests can run several
@@ -20,48 +26,65 @@ ranks in one process.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from lmcache_connector.config import LMCacheConfig
-from lmcache_connector.connector.geometry import Geometry
 from lmcache_connector.counters import Counters
+from lmcache_connector.geometry import Geometry
 from lmcache_connector.ops import PagedKV
 from lmcache_connector.ops.mover import make_block_mover
-from lmcache_connector.plan import FAILED_SLOT, Fill, StepPlan, StoreSpec, WorkerReport
-from lmcache_connector.tiers.disk.format import ChunkFileError, ChunkHeader, rank_tag
-from lmcache_connector.tiers.disk.store import DiskTier
+from lmcache_connector.plan import FAILED_SLOT, AsyncLoad, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.tiers.base import ChunkMiss, Medium, Store
 from lmcache_connector.tiers.memory.pool import MemoryPool
 from lmcache_connector.tiers.memory.prefault import populate_in_background
 
 logger = logging.getLogger("lmcache_connector")
 
 
-class WorkerSide:
-    def __init__(self, config: LMCacheConfig, geometry: Geometry, rank: tuple[int, int] = (0, 0)):
+def rank_tag(tp_rank: int, pp_rank: int = 0) -> str:
+    return f"tp{tp_rank}pp{pp_rank}"
+
+
+class Executor:
+    def __init__(
+        self,
+        config: LMCacheConfig,
+        geometry: Geometry,
+        rank: tuple[int, int] = (0, 0),
+        media: list[Medium] = (),
+    ):
         self.config = config
         self.geometry = geometry
         self.rank = rank_tag(*rank)
+        self.media = list(media)
         self.paged: PagedKV | None = None
         self.pool: MemoryPool | None = None
         self.mover = None
-        self.disk: DiskTier | None = None
+        self.stores: dict[str, Store] = {}
         self._slot_valid: bytearray = bytearray()
         self._report = WorkerReport()
         self._load_errors: set[int] = set()
         self._step_errors: tuple[int, set[int]] = (-1, set())  # (step, blocks whose load failed in it)
         self._filled: dict[int, float] = {}  # slot filled this step -> seconds it took
         self._handled: set[int] = set()  # store/fill ids of the bound step this rank already reported on
-        self._disk_jobs: dict[int, StoreSpec] = {}  # store id -> store whose file waits for its bytes
+        self._write_jobs: dict[int, StoreSpec] = {}  # store id -> store whose writes wait for its bytes
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-fill")
+        self._async: dict[str, tuple[AsyncLoad, Future]] = {}  # request id -> its background load
         self.counters = Counters()
 
     @property
     def disabled(self) -> bool:
         return self.mover is None
+
+    @property
+    def disk(self):
+        """The disk tier's writer, if configured (for tests and the engine harness)."""
+        store = self.stores.get("disk")
+        return getattr(store, "writer", None)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         paged = PagedKV.from_layer_views(kv_caches)
@@ -75,16 +98,12 @@ class WorkerSide:
                 f"this rank's chunk is {slot_bytes} bytes but the scheduler planned {self.geometry.slot_bytes}"
             )
         pool = MemoryPool(num_slots, shape)
-        disk = None
-        if self.config.local_disk:
-            disk = DiskTier(
-                self.config.local_disk,
-                self.config.max_local_disk_bytes,
-                self.geometry.namespace.digest().hex(),
-                self.rank,
-            )
-            self._namespace_info = json.dumps(asdict(self.geometry.namespace), sort_keys=True)
-        self.paged, self.pool, self.disk = paged, pool, disk
+        stores = {}
+        for medium in self.media:
+            store = medium.store(self.config, self.geometry, self.rank, paged.chunk_shape)
+            if store is not None:
+                stores[medium.name] = store
+        self.paged, self.pool, self.stores = paged, pool, stores
         self._slot_valid = bytearray(num_slots)
         self.mover = make_block_mover(paged)
         if paged.device.type == "cpu":
@@ -93,13 +112,14 @@ class WorkerSide:
             # faults on its time-to-first-token; commit the (already budgeted) cache in the background.
             self._kv_prefault = populate_in_background(paged.storage)
         logger.info(
-            "lmcache_connector worker %s: %d KV regions, %d B per block, memory pool %d slots x %.1f MiB%s",
+            "lmcache_connector worker %s: %d KV regions, %d B per block, memory pool %d slots x %.1f MiB%s%s",
             self.rank,
             paged.num_regions,
             paged.block_bytes,
             num_slots,
             slot_bytes / 2**20,
             " (pinned)" if pool.pinned else "",
+            "".join(f", {name} tier" for name in stores),
         )
 
     # ------------------------------------------------------------ loads
@@ -112,26 +132,32 @@ class WorkerSide:
                     self.pool.note_used(spec.slot)
         self._run_fills(plan.fills)
         for req_id, specs in plan.loads.items():
-            failed = False
-            for spec in specs:
-                if failed or spec.slot == FAILED_SLOT or self.disabled:
-                    self._fail_load(spec.block_ids)
-                    continue
-                started = time.perf_counter()
-                try:
-                    self._load(spec.slot, spec.first_block, spec.block_ids)
-                except Exception as exc:  # a failed load is a recompute, never a crash
-                    logger.warning("Load of %d blocks for request %s failed: %s", len(spec.block_ids), req_id, exc)
-                    self._fail_load(spec.block_ids)
-                    self._report.failed_load_slots.add(spec.slot)
-                    failed = True  # vLLM recomputes from the first failed block: later loads are wasted
-                    continue
-                tier = "disk" if spec.slot in self._filled else "memory"
-                seconds = time.perf_counter() - started + self._filled.pop(spec.slot, 0.0)
-                self.counters.add(f"loaded_bytes.{tier}", len(spec.block_ids) * self.paged.block_bytes)
-                self.counters.add(f"load_seconds.{tier}", seconds)
+            self._run_loads(req_id, specs)
         if plan.loads:
             self._report.load_steps[plan.step] += 1
+        for req_id, load in plan.async_loads.items():
+            if req_id not in self._async:
+                self._async[req_id] = (load, self._background.submit(self._background_fills, load.fills))
+
+    def _run_loads(self, req_id: str, specs: list[LoadSpec]) -> None:
+        failed = False
+        for spec in specs:
+            if failed or spec.slot == FAILED_SLOT or self.disabled:
+                self._fail_load(spec.block_ids)
+                continue
+            started = time.perf_counter()
+            try:
+                self._load(spec.slot, spec.first_block, spec.block_ids)
+            except Exception as exc:  # a failed load is a recompute, never a crash
+                logger.warning("Load of %d blocks for request %s failed: %s", len(spec.block_ids), req_id, exc)
+                self._fail_load(spec.block_ids)
+                self._report.failed_load_slots.add(spec.slot)
+                failed = True  # vLLM recomputes from the first failed block: later loads are wasted
+                continue
+            tier, fill_seconds = self._filled.pop(spec.slot, ("memory", 0.0))
+            seconds = time.perf_counter() - started + fill_seconds
+            self.counters.add(f"loaded_bytes.{tier}", len(spec.block_ids) * self.paged.block_bytes)
+            self.counters.add(f"load_seconds.{tier}", seconds)
 
     def _begin_step(self, plan: StepPlan) -> None:
         if self._step_errors[0] == plan.step:
@@ -148,32 +174,88 @@ class WorkerSide:
             self._slot_valid[slot] = 0
 
     def _run_fills(self, fills: list[Fill]) -> None:
-        """Promotions: read each chunk file into its slot; the slot is valid only once verified."""
+        """Fills: read each chunk into its slot; the slot is valid only once verified."""
         failed_requests: set[str] = set()
         for fill in fills:
             if fill.store_id in self._handled:
                 continue
             self._handled.add(fill.store_id)
-            if fill.req_id in failed_requests or self.disabled or self.disk is None:
-                # Skipped, not failed: the file is still good, so the catalog keeps it.
+            if fill.req_id in failed_requests:
+                # Skipped, not failed: the chunk is still good, so the catalog keeps it.
                 self._report.failed_stores[fill.store_id] += 1
                 continue
-            started = time.perf_counter()
-            try:
-                self.pool.note_used(fill.slot)
-                view = self.pool.slot(fill.slot, len(fill.block_fps))
-                self.disk.read_into(self._header(fill.key, fill.block_fps), _regions(view))
-            except Exception as exc:
-                if isinstance(exc, ChunkFileError):  # missing, corrupt or foreign: the catalog forgets it
-                    self._report.disk_gone.add(bytes.fromhex(fill.key))
-                logger.warning("Reading chunk %s from disk failed: %s", fill.key[:12], exc)
-                self.counters.add("failed_loads")
-                self._report.failed_stores[fill.store_id] += 1
+            outcome = self._fill(fill)
+            self._record_fill(fill, outcome)
+            if outcome[0] != "ok":
                 failed_requests.add(fill.req_id)
-                continue
+
+    def _fill(self, fill: Fill) -> tuple[str, float]:
+        """Read one chunk into its slot: ``("ok" | "gone" | "failed", seconds)``. Any thread."""
+        store = self.stores.get(fill.tier)
+        if store is None or self.disabled:
+            return "failed", 0.0
+        started = time.perf_counter()
+        try:
+            self.pool.note_used(fill.slot)
+            view = self.pool.slot(fill.slot, len(fill.block_fps))
+            store.read_into(fill.key, fill.block_fps, _regions(view))
+        except ChunkMiss as exc:
+            logger.warning("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
+            return ("gone" if exc.gone else "failed"), 0.0
+        except Exception as exc:
+            logger.warning("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
+            return "failed", 0.0
+        return "ok", time.perf_counter() - started
+
+    def _record_fill(self, fill: Fill, outcome: tuple[str, float]) -> None:
+        """Report a fill's outcome (this thread only)."""
+        result, seconds = outcome
+        if result == "ok":
             self._slot_valid[fill.slot] = 1
-            self._filled[fill.slot] = time.perf_counter() - started
+            self._filled[fill.slot] = (fill.tier, seconds)
             self._report.stored[fill.store_id] += 1
+            return
+        if result == "gone":  # missing, corrupt or foreign: the catalog forgets it
+            self._report.gone.add((fill.tier, fill.key))
+        self.counters.add("failed_loads")
+        self._report.failed_stores[fill.store_id] += 1
+
+    def _background_fills(self, fills: list[Fill]) -> list[tuple[str, float]]:
+        """A background load's fills, in order; after the first failure the rest are skipped."""
+        outcomes = []
+        for fill in fills:
+            if outcomes and outcomes[-1][0] != "ok":
+                outcomes.append(("skipped", 0.0))
+                continue
+            outcomes.append(self._fill(fill))
+        return outcomes
+
+    def wait_background(self, timeout: float | None = None) -> None:
+        """Wait until every background fill submitted so far is done (tests use it for determinism)."""
+        for _, future in list(self._async.values()):
+            future.exception(timeout)
+
+    def finished_loads(self) -> set[str]:
+        """Background loads whose fills are done: copy their slots into the blocks, report them."""
+        finished = set()
+        for req_id, (load, future) in list(self._async.items()):
+            if not future.done():
+                continue
+            del self._async[req_id]
+            try:
+                outcomes = future.result()
+            except Exception:
+                logger.exception("Background load of request %s failed", req_id)
+                outcomes = [("failed", 0.0)] * len(load.fills)
+            for fill, outcome in zip(load.fills, outcomes, strict=True):
+                if outcome[0] == "skipped":
+                    self._report.failed_stores[fill.store_id] += 1
+                else:
+                    self._record_fill(fill, outcome)
+            self._run_loads(req_id, load.loads)
+            self._report.async_done[req_id] += 1
+            finished.add(req_id)
+        return finished
 
     def _fail_load(self, block_ids: list[int]) -> None:
         self.counters.add("failed_loads")
@@ -183,7 +265,7 @@ class WorkerSide:
     def _load(self, slot: int, first_block: int, block_ids: list[int]) -> None:
         if not 0 <= slot < len(self._slot_valid) or not self._slot_valid[slot]:
             raise RuntimeError(f"slot {slot} holds no stored chunk")
-        self.mover.load(self.pool.slot(slot, len(block_ids), first_block), block_ids)
+        self.mover.load(self.pool.slot(slot, len(block_ids), first_block), block_ids, slot=slot)
 
     def abort_loads(self, plan: StepPlan) -> None:
         """``start_load_kv`` raised: every planned load is an error, every fill not yet done failed."""
@@ -207,6 +289,9 @@ class WorkerSide:
     def wait_for_save(self, plan: StepPlan) -> None:
         self._begin_step(plan)
         errors = self._step_errors[1]
+        if plan.stores and not self.disabled:
+            # Room in the device staging ring for every store of the step, so none waits on PCIe.
+            self.mover.prepare_stores(sum(len(specs) for specs in plan.stores.values()), self.pool.slot_bytes)
         for req_id, specs in plan.stores.items():
             poisoned_from = _first_failed(plan.prefix_blocks.get(req_id, ()), errors)
             for spec in specs:
@@ -219,7 +304,8 @@ class WorkerSide:
                     continue
                 started = time.perf_counter()
                 try:
-                    self.mover.store(spec.block_ids, self.pool.slot(spec.slot, len(spec.block_ids)), spec.store_id)
+                    view = self.pool.slot(spec.slot, len(spec.block_ids))
+                    self.mover.store(spec.block_ids, view, spec.store_id, slot=spec.slot)
                 except Exception as exc:  # a failed store is a future miss
                     logger.warning("Store into slot %d failed: %s", spec.slot, exc)
                     self.counters.add("failed_stores.memory")
@@ -228,8 +314,8 @@ class WorkerSide:
                 self._slot_valid[spec.slot] = 1
                 self.counters.add("stored_bytes.memory", len(spec.block_ids) * self.paged.block_bytes)
                 self.counters.add("store_seconds.memory", time.perf_counter() - started)
-                if spec.disk is not None:
-                    self._disk_jobs[spec.store_id] = spec
+                if spec.writes:
+                    self._write_jobs[spec.store_id] = spec
 
     def abort_stores(self, plan: StepPlan) -> None:
         """``wait_for_save`` raised: every store it did not reach is failed (its slot must not stay pinned)."""
@@ -242,8 +328,8 @@ class WorkerSide:
 
     def _fail_store(self, spec: StoreSpec) -> None:
         self._report.failed_stores[spec.store_id] += 1
-        if spec.disk is not None:
-            self._report.disk_failed[spec.store_id] += 1
+        for tier in spec.writes:
+            self._report.write_failed[(tier, spec.store_id)] += 1
 
     def take_report(self) -> WorkerReport | None:
         if self.disabled:
@@ -251,47 +337,41 @@ class WorkerSide:
         else:
             for store_id in self.mover.poll_stores():
                 self._report.stored[store_id] += 1
-                spec = self._disk_jobs.pop(store_id, None)
+                spec = self._write_jobs.pop(store_id, None)
                 if spec is not None:
-                    self._submit_disk_write(spec)
-        if self.disk is not None:
-            self._collect_disk_results()
+                    self._submit_writes(spec)
+        for name, store in self.stores.items():
+            self._collect_write_results(name, store)
         report, self._report = self._report, WorkerReport()
         return report if report else None
 
-    def _submit_disk_write(self, spec: StoreSpec) -> None:
-        try:
-            view = self.pool.slot(spec.slot, len(spec.block_ids))
-            self.disk.submit_write(spec.store_id, self._header(spec.disk.key, spec.disk.block_fps), _regions(view))
-        except Exception as exc:  # the write is a future miss; its slot must not stay pinned
-            logger.warning("Queueing chunk %s for disk failed: %s", spec.disk.key[:12], exc)
-            self._report.disk_failed[spec.store_id] += 1
+    def _submit_writes(self, spec: StoreSpec) -> None:
+        view = self.pool.slot(spec.slot, len(spec.block_ids))
+        for tier in spec.writes:
+            store = self.stores.get(tier)
+            try:
+                if store is None:
+                    raise RuntimeError(f"the {tier} tier is not open on this worker")
+                store.submit_write(spec.store_id, spec.key, spec.block_fps, _regions(view))
+            except Exception as exc:  # the write is a future miss; its slot must not stay pinned
+                logger.warning("Queueing chunk %s for the %s tier failed: %s", spec.key.hex()[:12], tier, exc)
+                self._report.write_failed[(tier, spec.store_id)] += 1
 
-    def _collect_disk_results(self) -> None:
-        results, evicted = self.disk.take_results()
+    def _collect_write_results(self, name: str, store: Store) -> None:
+        results, gone = store.take_results()
         for result in results:
             if result.ok:
-                self._report.disk_written[result.store_id] += 1
-                self.counters.add("stored_bytes.disk", result.nbytes)
-                self.counters.add("store_seconds.disk", result.seconds)
+                self._report.written[(name, result.job_id)] += 1
+                self.counters.add(f"stored_bytes.{name}", result.nbytes)
+                self.counters.add(f"store_seconds.{name}", result.seconds)
             else:
-                self._report.disk_failed[result.store_id] += 1
-                self.counters.add("failed_stores.disk")
-        self._report.disk_gone.update(evicted)
-        if evicted:
-            self.counters.add("evictions.disk", len(evicted))
-        if self.disk.disabled_reason is not None:
-            self._report.disk_disabled = True
-
-    def _header(self, key_hex: str, block_fps: list[str]) -> ChunkHeader:
-        return ChunkHeader(
-            key=key_hex,
-            namespace=self.geometry.namespace.digest().hex(),
-            rank=self.rank,
-            block_fps=tuple(block_fps),
-            shape=self.paged.chunk_shape(len(block_fps)),
-            namespace_info=self._namespace_info,
-        )
+                self._report.write_failed[(name, result.job_id)] += 1
+                self.counters.add(f"failed_stores.{name}")
+        self._report.gone.update((name, key) for key in gone)
+        if gone:
+            self.counters.add(f"evictions.{name}", len(gone))
+        if store.writes_stopped():
+            self._report.writes_stopped.add(name)
 
     def state(self) -> dict:
         """What a test (or an operator's debugging session) may read about this rank."""
@@ -302,23 +382,31 @@ class WorkerSide:
             "slot_bytes": self.pool.slot_bytes if self.pool is not None else 0,
             "pool_bytes": self.pool.nbytes if self.pool is not None else 0,
             "pinned": bool(self.pool is not None and self.pool.pinned),
-            "queued_disk_writes": len(self._disk_jobs),
+            "tiers": sorted(self.stores),
+            "queued_writes": len(self._write_jobs),
+            "background_loads": len(self._async),
         }
+
+    def flush_writes(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds per tier) until every queued write is done."""
+        for store in self.stores.values():
+            store.flush(timeout)
 
     def shutdown(self) -> None:
         if self.mover is not None:
             for store_id in self.mover.wait_stores():
-                spec = self._disk_jobs.pop(store_id, None)
+                spec = self._write_jobs.pop(store_id, None)
                 if spec is not None:
-                    self._submit_disk_write(spec)
-        if self.disk is not None:
-            self.disk.close(self.config.disk_flush_timeout_secs)
+                    self._submit_writes(spec)
+        self._background.shutdown(wait=True, cancel_futures=True)
+        for store in self.stores.values():
+            store.close(self.config.disk_flush_timeout_secs)
         if self.pool is not None:
             self.pool.close()  # unregisters pinned pages (CUDA)
 
 
 def _first_failed(blocks, errors: set[int]) -> int:
-    """Index of the first of ``blocks`` whose load failed, or ``len(blocks)``-like infinity when none did."""
+    """Index of the first of ``blocks`` whose load failed, or a number past any block when none did."""
     if errors:
         for i, block in enumerate(blocks):
             if block in errors:
@@ -329,13 +417,3 @@ def _first_failed(blocks, errors: set[int]) -> int:
 def _regions(view: torch.Tensor) -> list[memoryview]:
     """Byte views of each region of a ``[R, n, row]`` slot view (each region's rows are contiguous)."""
     return [memoryview(region.numpy()).cast("B") for region in view]
-
-
-def vllm_rank() -> tuple[int, int]:
-    """This worker's (tensor-parallel, pipeline-parallel) rank from vLLM's parallel state."""
-    try:
-        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
-
-        return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
-    except Exception:  # parallel state not initialised (a single process): rank 0
-        return 0, 0

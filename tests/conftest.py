@@ -1,11 +1,60 @@
-"""Shared fixtures. Engines are expensive here (seconds to start), so tests share one engine per
-configuration through module-scoped fixtures built with ``vllm_support.start_engine``."""
+"""Shared fixtures, and the one rule that sorts every test into one kind (pyproject.toml lists them).
+
+Engines are expensive here (seconds to start), so tests share one engine per configuration
+through module-scoped fixtures built with ``vllm_support.start_engine``.
+
+Kinds, by module, so a new test needs no marker of its own:
+  engine  starts real vLLM engines: ``test_vllm_*.py``, ``test_server_e2e.py``, and any module that
+          imports ``start_engine`` or ``EngineProcess``;
+  helm    runs a real ``helm``: ``test_helm_*.py``, and any module that imports ``helm_tools``;
+  slow    neither, but seconds per test for a reason of its own (below);
+  unit    everything else: the fast loop, ``scripts/test.sh -m unit``.
+A marker a test sets itself among these wins. ``gpu`` is independent of the kind.
+"""
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+
+KINDS = ("unit", "engine", "helm", "slow")
+ENGINE_MODULES = ("test_vllm_*.py", "test_server_e2e.py")
+HELM_MODULES = ("test_helm_*.py",)
+# No engine, but slow by design; not weakened to fit the unit loop.
+SLOW_MODULES = {
+    "test_sim_random.py": "randomized runs of hundreds of steps on vLLM's real scheduler",
+    "test_ops_triton.py": "Triton's interpreter runs every kernel instance in Python",
+}
+SLOW_TESTS = {
+    "test_package.py::test_the_installed_vllm_is_accepted_and_the_class_loads_the_vllm_way": (
+        "imports vLLM in a fresh interpreter (about 10 s)"
+    ),
+}
+
+
+def kind_of(item: pytest.Item) -> str:
+    own = [kind for kind in KINDS if item.get_closest_marker(kind)]
+    if own:
+        return own[0]
+    module = Path(str(item.fspath)).name
+    names = vars(item.module) if getattr(item, "module", None) else {}
+    if any(fnmatch(module, p) for p in ENGINE_MODULES) or {"start_engine", "EngineProcess"} & names.keys():
+        return "engine"
+    if any(fnmatch(module, p) for p in HELM_MODULES) or "helm_tools" in names:
+        return "helm"
+    if module in SLOW_MODULES or f"{module}::{getattr(item, 'originalname', item.name)}" in SLOW_TESTS:
+        return "slow"
+    return "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = kind_of(item)
+        if not item.get_closest_marker(kind):
+            item.add_marker(kind)
 
 
 @pytest.fixture(scope="session")

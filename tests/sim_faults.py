@@ -148,17 +148,17 @@ def install_hooks(sim: Any, rank: int, worker: Any) -> None:
     if mover is not None:
         load, store = mover.load, mover.store
 
-        def hooked_load(src, block_ids):
+        def hooked_load(src, block_ids, slot=None):
             if faults._take(faults.loads, rank, "load failure"):
                 raise InjectedFault("injected load failure")
-            load(src, block_ids)
+            load(src, block_ids, slot=slot)
             who = f"a connector load at step {sim.step_no} (rank {rank})"
             sim.ranks[rank].last_writer.update((b, (sim.step_no, who)) for b in block_ids)
 
-        def hooked_store(block_ids, dst, store_id):
+        def hooked_store(block_ids, dst, store_id, slot=None):
             if faults._take(faults.stores, rank, "store failure"):
                 raise InjectedFault("injected store failure")
-            store(block_ids, dst, store_id)
+            store(block_ids, dst, store_id, slot=slot)
 
         mover.load, mover.store = hooked_load, hooked_store
 

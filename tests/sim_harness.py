@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from sim_faults import Faults, install_hooks
-from sim_internals import connector_state, settle_disk, synchronous_disk_recency
+from sim_internals import connector_state, settle_background_fills, settle_disk, synchronous_disk_recency
 from sim_model import KVModel, RankKV, Scheduled, Trace, embedding_input, forward, token_from_digest, token_inputs
 from sim_setup import SimConfig, build_configs, build_scheduler, build_worker, clear_lmcache_env
 
@@ -71,6 +71,9 @@ class Sim:
         self.requests: dict[str, Any] = {}  # live vllm Request objects
         self.finished: dict[str, str] = {}  # request id -> final status name
         self.external_tokens: dict[str, list[int]] = {}  # request id -> num_external_tokens vLLM allocated for
+        self.async_asked: set[str] = set()  # the connector's last answer for them was asynchronous
+        self.async_waiting: set[str] = set()  # requests parked for a background load
+        self.async_loaded: set[str] = set()  # requests admitted again after a background load
         self.tables: dict[str, list[int]] = {}  # the workers' block tables, as a model runner keeps them
         self.async_violations: list[str] = []  # found by background threads, raised at the next step
         self.load_errors: Counter = Counter()  # request id -> steps that reported one of its blocks
@@ -87,12 +90,28 @@ class Sim:
         """Record how many external tokens vLLM allocated for each request (the connector's hits)."""
         original = self.connector.update_state_after_alloc
 
+        lookup = self.connector.get_num_new_matched_tokens
+
+        def get_num_new_matched_tokens(request, num_computed_tokens):
+            tokens, load_async = lookup(request, num_computed_tokens)
+            if load_async:
+                self.async_asked.add(request.request_id)
+            return tokens, load_async
+
         def update_state_after_alloc(request, blocks, num_external_tokens):
-            self.external_tokens.setdefault(request.request_id, []).append(num_external_tokens)
+            req_id = request.request_id
+            if req_id in self.async_waiting:  # admitted again, its background load done
+                self.async_waiting.discard(req_id)
+                self.async_loaded.add(req_id)
+            elif req_id in self.async_asked and num_external_tokens:
+                self.async_asked.discard(req_id)
+                self.async_waiting.add(req_id)
+            self.external_tokens.setdefault(req_id, []).append(num_external_tokens)
             self._event(request.request_id, f"admitted, {num_external_tokens} tokens promised by the connector")
             return original(request, blocks, num_external_tokens)
 
         self.connector.update_state_after_alloc = update_state_after_alloc
+        self.connector.get_num_new_matched_tokens = get_num_new_matched_tokens
 
     # ------------------------------------------------------------ requests
 
@@ -165,6 +184,7 @@ class Sim:
             if not out.has_sync_kv_loads:
                 worker.start_load_kv(context)
             worker.wait_for_save()
+            settle_background_fills(worker)  # background fills end within the step: runs stay deterministic
             results = worker.get_transfer_results(out.finished_req_ids)
             kv_out = KVConnectorOutput(
                 finished_sending=results.finished_sending or None,
@@ -362,13 +382,21 @@ class Sim:
         return ids
 
     def hit_tokens(self, req_id: str) -> int:
-        """External tokens vLLM allocated for the request's (last) admission."""
-        return (self.external_tokens.get(req_id) or [0])[-1]
+        """External tokens vLLM allocated for the request's (last) admission. A request whose load
+        ran in the background is admitted twice: for the load, then with it done (0 more tokens)."""
+        admissions = self.external_tokens.get(req_id) or [0]
+        if len(admissions) >= 2 and admissions[-1] == 0 and req_id in self.async_loaded:
+            return admissions[-2]
+        return admissions[-1]
 
-    def preempt_running(self) -> None:
+    def preempt_running(self) -> bool:
         """vLLM preempts every running request, as on ``reset_prefix_cache(reset_running_requests=True)``
-        (a weight update); they resume, recomputing or reloading their KV, when scheduled again."""
+        (a weight update); they resume, recomputing or reloading their KV, when scheduled again.
+        vLLM refuses (raises) while a request waits for a background load: then nothing happens."""
+        if self.async_waiting:
+            return False
         self.scheduler.reset_prefix_cache(reset_running_requests=True)
+        return True
 
     def close(self) -> None:
         if self._closed:

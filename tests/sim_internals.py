@@ -88,3 +88,10 @@ def synchronous_disk_recency(connector: Any, clock: Callable[[], float]) -> None
                 pass
 
     catalog.touch = touch
+
+
+def settle_background_fills(connector) -> None:
+    """Wait for the worker's background (asynchronous) fills submitted in this step."""
+    worker = getattr(connector, "_worker", None)
+    if worker is not None and worker.pool is not None:
+        worker.wait_background(timeout=30)

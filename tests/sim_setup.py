@@ -43,6 +43,7 @@ class SimConfig:
     disk_chunks: int = 64  # chunk files per rank the disk bound holds
     load_failure_policy: str = "recompute"
     enable_prompt_embeds: bool = False
+    disk_async_fills: bool = False  # the disk tier's fills on the model thread unless a test asks otherwise
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,6 +62,7 @@ class SimConfig:
             "load_failure_policy": self.load_failure_policy,
             "disk_rescan_interval_secs": 3600,  # rescans run in the background: keep runs deterministic
             "model_name": "sim-llama",  # one cache namespace for every Sim sharing a disk folder
+            "disk_async_fills": self.disk_async_fills,
         }
         if self.disk:
             extra["local_disk"] = str(disk_dir)

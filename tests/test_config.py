@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 
-from lmcache_connector.config import ConfigError, LMCacheConfig, check_chunk_size, load_config
+from lmcache_connector import cli
+from lmcache_connector.config import ConfigError, LMCacheConfig, check_chunk_size, describe, load_config
+from lmcache_connector.urls import parse_remote_url
+
+SECRET = "s3cr3t-pw"
 
 
 def test_defaults_match_lmcache_except_save_unfull_chunk():
@@ -76,11 +81,15 @@ def test_priority_is_file_then_env_then_extra_config(tmp_path):
         ("LMCACHE_LOCAL_DISK", "relative/path", "absolute path"),
         ("LMCACHE_LOCAL_DISK", "s3://bucket", "local folder"),
         ("LMCACHE_MAX_LOCAL_DISK_SIZE", "lots", "number of GB"),
-        ("LMCACHE_REMOTE_URL", "ftp://host", "schemes"),
+        ("LMCACHE_REMOTE_URL", "ftp://host", "expected one of these schemes: redis://"),
         ("LMCACHE_REMOTE_URL", "redis://", "host is missing"),
+        ("LMCACHE_REMOTE_URL", "lm://cache", "port of cache is required"),
+        ("LMCACHE_REMOTE_URL", "valkey://cache", "write redis://"),
         ("LMCACHE_REMOTE_SERDE", "zip", "naive"),
         ("LMCACHE_ENABLE_P2P", "sometimes", "True/true/1"),
-        ("LMCACHE_LOOKUP_URL", "http://x:1", "redis://HOST:PORT"),
+        ("LMCACHE_LOOKUP_URL", "http://x:1", "expected a Redis address: HOST:PORT, redis://"),
+        ("LMCACHE_LOOKUP_URL", "s3://bucket", "expected a Redis address"),
+        ("LMCACHE_LOOKUP_URL", "registry:99999", "from 1 to 65535"),
         ("LMCACHE_DISTRIBUTED_URL", "nohostport", "HOST:PORT"),
         ("LMCACHE_DISTRIBUTED_URL", "host:99999", "port"),
         ("LMCACHE_SAVE_UNFULL_CHUNK", "2", "True/true/1"),
@@ -153,3 +162,95 @@ def test_chunk_must_be_whole_vllm_blocks():
     check_chunk_size(LMCacheConfig(chunk_size=256), 32)
     with pytest.raises(ConfigError, match="multiple of vLLM's block size 96"):
         check_chunk_size(LMCacheConfig(chunk_size=256), 96)
+
+
+# ---------------------------------------------------------------- remote URLs and their encoding
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://cache:6379",
+        "rediss://app:pw@cache:6380/1",
+        "unix:///run/redis/redis.sock?db=2",
+        "redis-sentinel://s1:26379,s2:26379/mymaster",
+        "redis-cluster://n1:7000,n2:7001,n3:7002",
+        "s3://kv-cache/team-a",
+        "lm://cache-server:65432",
+    ],
+)
+def test_every_remote_url_form_is_accepted_and_kept_as_given(url):
+    config = load_config(env={"LMCACHE_REMOTE_URL": url})
+    assert config.remote_url == url
+    assert config.parsed_remote_url == parse_remote_url(url)
+
+
+@pytest.mark.parametrize(
+    "given,kept",
+    [
+        ("registry:6380", "redis://registry:6380"),  # plain HOST:PORT, as LMCache accepts it
+        ("redis://registry:6380", "redis://registry:6380"),
+        ("rediss://registry", "rediss://registry"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("redis-sentinel://s1,s2/registry", "redis-sentinel://s1,s2/registry"),
+        ("redis-cluster://n1:7000,n2:7001", "redis-cluster://n1:7000,n2:7001"),
+    ],
+)
+def test_the_lookup_registry_accepts_every_redis_form(given, kept):
+    config = load_config(env={"LMCACHE_LOOKUP_URL": given})
+    assert config.lookup_url == kept and config.parsed_lookup_url.kind == "redis"
+
+
+@pytest.mark.parametrize("serde", ["kivi", "cachegen", "CacheGen"])
+def test_serde_values_that_nothing_implements_are_an_error_not_silently_accepted(serde):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"LMCACHE_REMOTE_SERDE": serde})
+    message = str(err.value)
+    assert f"LMCACHE_REMOTE_SERDE={serde!r}" in message
+    assert "is not available: this connector stores raw bytes (naive) only" in message
+
+
+def test_naive_is_the_only_serde():
+    assert load_config(env={}).remote_serde == "naive"
+    assert load_config(env={"LMCACHE_REMOTE_SERDE": "Naive"}).remote_serde == "naive"
+    assert load_config(env={}, extra_config={"lmcache.remote_serde": "naive"}).remote_serde == "naive"
+
+
+def test_a_bad_remote_url_from_the_file_names_its_source(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("remote_url: redis-cluster://n1/3\n")
+    with pytest.raises(ConfigError, match=f"remote_url in {config_file}='redis-cluster://n1/3': .*only database 0"):
+        load_config(env={"LMCACHE_CONFIG_FILE": str(config_file)})
+
+
+def test_a_password_in_a_url_never_reaches_an_error_the_summary_or_repr():
+    env = {"LMCACHE_REMOTE_URL": f"redis://app:{SECRET}@cache:6379", "LMCACHE_LOOKUP_URL": f":{SECRET}@registry:1"}
+    config = load_config(env=env)
+    assert config.parsed_remote_url.password == SECRET  # the client gets it
+    shown = [repr(config), str(config), describe(config), *config.unavailable_tiers(), str(config.redacted_dict())]
+    assert not [text for text in shown if SECRET in text]
+    assert config.redacted_dict()["remote_url"] == "redis://app:***@cache:6379"
+    assert config.redacted_dict()["lookup_url"] == "redis://:***@registry:1"
+
+    for bad in (f"redis://app:{SECRET}@cache:99999", f"redis://app:{SECRET}@a,b", f"redis://app:pa/{SECRET}@cache"):
+        with pytest.raises(ConfigError) as err:
+            load_config(env={"LMCACHE_REMOTE_URL": bad, "LMCACHE_LOOKUP_URL": bad})
+        assert len(err.value.problems) == 2 and SECRET not in str(err.value)
+        assert "LMCACHE_REMOTE_URL='redis://app:***@" in str(err.value)
+
+
+@pytest.mark.parametrize("args", [["config"], ["config", "--json"]], ids=" ".join)
+def test_lmcache_connector_config_never_prints_a_password(monkeypatch, capsys, args):
+    for name in [n for n in os.environ if n.startswith("LMCACHE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"rediss://app:{SECRET}@cache:6380/1")
+    monkeypatch.setenv("LMCACHE_LOOKUP_URL", f"redis-sentinel://:{SECRET}@s1,s2")
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    assert "rediss://app:***@cache:6380/1" in out.out
+
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", f"rediss://app:{SECRET}@cache:0")
+    assert cli.main(args) == 2
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err and "LMCACHE_REMOTE_URL='rediss://app:***@cache:0'" in out.out + out.err

@@ -18,7 +18,7 @@ from vllm_support import MODEL_ROOT
 
 from lmcache_connector import LMCacheConnector
 from lmcache_connector.config import load_config
-from lmcache_connector.connector.geometry import compute_geometry
+from lmcache_connector.connector.vllm_config import compute_geometry
 from lmcache_connector.identity import checkpoint_fingerprint, lora_identity
 from lmcache_connector.testing.tiny_model import SMALL_MHA, TINY, build_model
 from lmcache_connector.testing.vllm_process import CONNECTOR

@@ -54,7 +54,7 @@ def test_a_load_into_the_wrong_blocks_is_caught_and_explained(make_sim):
     sim.run()
     mover = worker_mover(sim.workers[0])
     load = mover.load
-    mover.load = lambda src, block_ids: load(src, block_ids[::-1])
+    mover.load = lambda src, block_ids, slot=None: load(src, block_ids[::-1], slot=slot)
     sim.add_request(document + [9], max_tokens=1)
     with pytest.raises(InvariantViolation, match=r"holds the KV of request r0 position \d+; .* a connector load"):
         sim.run()

@@ -113,11 +113,14 @@ def _settings(rng: random.Random, tp: int) -> dict:
     }
 
 
-def run_random_mix(make_sim, seed: int, steps: int, tp: int = 1, mix: Mix | None = None) -> int:
-    """One seeded run; returns the number of engine steps it took (the invariant holds on each)."""
+def run_random_mix(
+    make_sim, seed: int, steps: int, tp: int = 1, mix: Mix | None = None, background_fills: bool = False
+) -> int:
+    """One seeded run; returns the number of engine steps it took (the invariant holds on each).
+    ``background_fills``: disk fills through vLLM's asynchronous-load path (same workload)."""
     mix = mix or Mix()
     rng = random.Random(seed)
-    sim = make_sim(**_settings(rng, tp))
+    sim = make_sim(**_settings(rng, tp), disk_async_fills=background_fills)
     documents = [random_prompt(rng.choice([32, 48, 64, 96, 160]), seed=seed * 100 + d) for d in range(6)]
     prompts: list[list[int]] = []
     for _ in range(steps):
@@ -190,9 +193,14 @@ def test_random_mix_keeps_the_invariant_with_tensor_parallel(make_sim, seed, ste
     _timed(make_sim, seed, steps, tp=2)
 
 
-def _timed(make_sim, seed: int, steps: int, tp: int) -> None:
+@pytest.mark.parametrize(("seed", "steps"), _cases(tp=1)[-FRESH_SEEDS - 4 :])
+def test_random_mix_keeps_the_invariant_with_background_disk_fills(make_sim, seed, steps):
+    _timed(make_sim, seed, steps, tp=1, background_fills=True)
+
+
+def _timed(make_sim, seed: int, steps: int, tp: int, background_fills: bool = False) -> None:
     started = time.perf_counter()
-    total = run_random_mix(make_sim, seed, steps, tp=tp)
+    total = run_random_mix(make_sim, seed, steps, tp=tp, background_fills=background_fills)
     elapsed = time.perf_counter() - started
     stepping = sum(sim.step_seconds for sim in make_sim.sims)
     sim = make_sim.sims[0]

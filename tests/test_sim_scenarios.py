@@ -107,10 +107,13 @@ def test_prompt_embeddings_never_share_kv_with_other_embeddings(make_sim):
     sim.assert_clean()
 
 
-@pytest.mark.parametrize("method", ["update_state_after_alloc", "build_connector_meta"])
-def test_a_failing_plan_after_a_promised_hit_is_recomputed(make_sim, method):
-    # vLLM was promised a hit (get_num_new_matched_tokens); then planning its load raises. The
-    # promised blocks must be reported as load errors so vLLM recomputes them.
+@pytest.mark.parametrize(
+    "hook, method", [("update_state_after_alloc", "after_alloc"), ("build_connector_meta", "build_plan")]
+)
+def test_a_failing_plan_after_a_promised_hit_is_recomputed(make_sim, hook, method):
+    # vLLM was promised a hit (get_num_new_matched_tokens); then planning its load (the planner's
+    # method behind vLLM's ``hook``) raises. The promised blocks must be reported as load errors so
+    # vLLM recomputes them.
     sim = make_sim()
     document = random_prompt(64, seed=1)
     _store(sim, document + [5, 6])

@@ -129,7 +129,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.json:
         report: dict[str, Any] = {"valid": not problems, "problems": problems, "warnings": warnings}
         if not problems:
-            report.update(config=config.as_dict(), sources=_sources(env, extra), summary=describe(config))
+            report.update(config=config.redacted_dict(), sources=_sources(env, extra), summary=describe(config))
         print(json.dumps(report, indent=2))
         return INVALID if problems else OK
 
@@ -142,7 +142,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return INVALID
 
     sources = _sources(env, extra)
-    rows = [(env_name(key), _show(key, value), sources[key]) for key, value in config.as_dict().items()]
+    rows = [(env_name(key), _show(key, value), sources[key]) for key, value in config.redacted_dict().items()]
     widths = [max(len(row[i]) for row in [("VARIABLE", "VALUE", "SOURCE"), *rows]) for i in range(3)]
     for row in [("VARIABLE", "VALUE", "SOURCE"), *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

@@ -22,12 +22,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_connector.config import describe, load_config
-from lmcache_connector.connector.geometry import compute_geometry
 from lmcache_connector.connector.metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
-from lmcache_connector.connector.scheduler import SchedulerSide
-from lmcache_connector.connector.worker import WorkerSide, vllm_rank
+from lmcache_connector.connector.scheduler import prompt_request, scheduled_requests
+from lmcache_connector.connector.vllm_config import compute_geometry
+from lmcache_connector.executor import Executor
 from lmcache_connector.logs import configure_logging
 from lmcache_connector.plan import FAILED_SLOT, LoadSpec, StepPlan
+from lmcache_connector.planner import Planner
+from lmcache_connector.tiers.registry import media
 
 if TYPE_CHECKING:
     import torch
@@ -93,13 +95,15 @@ class LMCacheConnector(KVConnectorBase_V1):
         # fail a request, so recompute is the default (LMCACHE_LOAD_FAILURE_POLICY=fail opts out).
         self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
 
-        self._scheduler: SchedulerSide | None = None
-        self._worker: WorkerSide | None = None
+        self._scheduler: Planner | None = None
+        self._worker: Executor | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(self.config, self.geometry)
+            self._scheduler = Planner(self.config, self.geometry, media(self.config.extra_tiers))
             self._log_start()
         else:
-            self._worker = WorkerSide(self.config, self.geometry, worker_rank or vllm_rank())
+            self._worker = Executor(
+                self.config, self.geometry, worker_rank or vllm_rank(), media(self.config.extra_tiers)
+            )
 
     def _log_start(self) -> None:
         g = self.geometry
@@ -156,19 +160,20 @@ class LMCacheConnector(KVConnectorBase_V1):
         data = half.counters.take() if half is not None else {}
         return build_stats(data) if data else None
 
-    _TIER_SOURCES = {"memory": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
-
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         if num_external_tokens == 0:
             return {}
+        sources: dict[CacheHitSource, int] = {}
         try:
-            by_tier = self._scheduler.hit_tokens_by_tier(request)
+            names = self._scheduler.hit_sources()
+            for tier, tokens in self._scheduler.hit_tokens_by_tier(request.request_id).items():
+                source = _hit_source(names.get(tier, "external_unspecified"))
+                sources[source] = sources.get(source, 0) + tokens
         except Exception:
-            by_tier = {}
-        sources = {self._TIER_SOURCES[t]: n for t, n in by_tier.items() if n and t in self._TIER_SOURCES}
+            sources = {}
         if sum(sources.values()) != num_external_tokens:
             return {self._cache_hit_source: num_external_tokens}
-        return sources
+        return {source: n for source, n in sources.items() if n}
 
     # ============================================================ scheduler side
 
@@ -178,7 +183,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_miss)
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         self._asked[request.request_id] = num_computed_tokens
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self._scheduler.lookup(prompt_request(request), num_computed_tokens)
 
     def _remember_promise(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> list[int]:
         """The blocks vLLM now counts as computed because of this connector's answer."""
@@ -200,7 +205,9 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_fail_promise)
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._remember_promise(request, blocks, num_external_tokens)
-        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        self._scheduler.after_alloc(
+            request.request_id, request.num_tokens, blocks.get_block_ids()[0], num_external_tokens
+        )
 
     def _failed_plan(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         # Nothing of this step's plan is trustworthy: every block promised this step is a load error.
@@ -219,7 +226,7 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     @_shielded(_failed_plan)
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        plan = self._scheduler.build_connector_meta(scheduler_output)
+        plan = self._scheduler.build_plan(scheduled_requests(scheduler_output))
         for req_id, block_ids in self._failed_promises.items():
             plan.loads[req_id] = [LoadSpec(FAILED_SLOT, 0, block_ids)]
         self._promised.clear()
@@ -234,7 +241,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if self._scheduler is None:
             return
-        self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
+        self._scheduler.apply_report(connector_output.kv_connector_worker_meta)
         if connector_output.invalid_block_ids:
             self._uncache_failed_blocks(connector_output.invalid_block_ids)
 
@@ -259,7 +266,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._asked.pop(request.request_id, None)
         if self._scheduler is not None:
-            self._scheduler.request_finished(request)
+            self._scheduler.request_finished(request.request_id)
         return False, None
 
     def reset_cache(self) -> bool | None:
@@ -303,6 +310,18 @@ class LMCacheConnector(KVConnectorBase_V1):
         if isinstance(plan, StepPlan):
             self._worker.wait_for_save(plan)
 
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Background loads (requests in WAITING_FOR_REMOTE_KVS) that finished on this rank, done or
+        failed (a failed one's blocks are in this step's load errors)."""
+        if self._worker is None:
+            return None, None
+        try:
+            finished = self._worker.finished_loads()
+        except Exception:
+            logger.exception("lmcache_connector: finishing background loads failed")
+            finished = set()
+        return None, (finished or None)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
 
@@ -315,3 +334,20 @@ class LMCacheConnector(KVConnectorBase_V1):
             self._worker.shutdown()
         if self._scheduler is not None:
             self._scheduler.shutdown()
+
+
+def _hit_source(name: str) -> CacheHitSource:
+    try:
+        return CacheHitSource(name)
+    except ValueError:
+        return CacheHitSource.EXTERNAL_UNSPECIFIED
+
+
+def vllm_rank() -> tuple[int, int]:
+    """This worker's (tensor-parallel, pipeline-parallel) rank from vLLM's parallel state."""
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank(), get_pp_group().rank_in_group
+    except Exception:  # parallel state not initialised (a single process): rank 0
+        return 0, 0

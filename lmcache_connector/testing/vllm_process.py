@@ -188,6 +188,49 @@ class _Handlers:
         self.llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
         return time.perf_counter() - started
 
+    def decode_timeline(
+        self, prompts: list[list[int]], max_tokens: int, late_prompt: list[int] | None = None, late_after_steps: int = 0
+    ) -> dict[str, Any]:
+        """Step the engine by hand to time each token: ``prompts`` decode ``max_tokens`` tokens each
+        (greedy, ``ignore_eos``); once ``late_after_steps`` steps have run, ``late_prompt`` (if any)
+        is added for one token. Returns ``tokens`` (per prompt, the ``perf_counter`` time at which
+        each token's step returned), ``late_added`` and ``late_first_token`` (same clock, or None).
+        ``generate`` cannot do this: it returns only when every request is done."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            raise RuntimeError("decode_timeline needs an idle engine")
+        self._timelines = getattr(self, "_timelines", 0) + 1
+        run = f"timeline{self._timelines}"
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0.0, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
+        ids = [f"{run}-{i}" for i in range(len(prompts))]
+        tokens: dict[str, list[float]] = {req_id: [] for req_id in ids}
+        for req_id, prompt in zip(ids, prompts, strict=True):
+            # vLLM may report the internal id it returns (the given one plus a random suffix)
+            tokens[engine.add_request(req_id, {"prompt_token_ids": prompt}, params)] = tokens[req_id]
+        late_ids, late_added, late_first = {f"{run}-late"}, None, None
+        steps = 0
+        while engine.has_unfinished_requests():
+            if late_prompt is not None and late_added is None and steps >= late_after_steps:
+                one = SamplingParams(max_tokens=1, temperature=0.0, output_kind=RequestOutputKind.DELTA)
+                late_added = time.perf_counter()
+                late_ids.add(engine.add_request(f"{run}-late", {"prompt_token_ids": late_prompt}, one))
+            outputs = engine.step()
+            now = time.perf_counter()
+            steps += 1
+            for out in outputs:
+                new = len(out.outputs[0].token_ids) if out.outputs else 0
+                if out.request_id in late_ids:
+                    if new and late_first is None:
+                        late_first = now
+                elif out.request_id in tokens:
+                    tokens[out.request_id].extend([now] * new)
+        return {"tokens": [tokens[req_id] for req_id in ids], "late_added": late_added, "late_first_token": late_first}
+
     def _scheduler_connector(self):
         return self.llm.llm_engine.engine_core.engine_core.scheduler.connector
 
@@ -265,11 +308,11 @@ class _Handlers:
         original = worker.mover.load
         remaining = [count]
 
-        def failing_load(src, block_ids):
+        def failing_load(src, block_ids, slot=None):
             if remaining[0] > 0:
                 remaining[0] -= 1
                 raise OSError("injected load failure")
-            return original(src, block_ids)
+            return original(src, block_ids, slot=slot)
 
         worker.mover.load = failing_load
 

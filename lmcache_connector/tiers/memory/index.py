@@ -46,6 +46,7 @@ class ChunkEntry:
     block_fps: tuple[bytes, ...]
     state: ChunkState = ChunkState.STORING
     pins: int = 0
+    filling: bool = False  # an asynchronous fill is still writing the slot: not loadable yet
 
     @property
     def num_blocks(self) -> int:
@@ -160,6 +161,7 @@ class ChunkIndex:
         if entry is None or entry.state is ChunkState.READY:
             return
         entry.pins -= 1
+        entry.filling = False
         if not ok or entry.state is ChunkState.DOOMED:
             self.stats.failed_stores += not ok
             if entry.pins == 0:

@@ -1,0 +1,177 @@
+"""The contract every secondary medium (disk, remote, peer, or one registered from outside) keeps.
+
+Memory is the primary tier: its index (:mod:`lmcache_connector.tiers.memory.index`) owns slots,
+recency and pins, and every byte that reaches or leaves vLLM's paged KV cache passes through a
+memory slot. A secondary medium is
+
+* **written behind** a memory slot: after a chunk's store completes, each rank writes its slot to
+  the medium in the background; the slot stays pinned until every rank reported its write;
+* **filled into** a memory slot before a load (a *fill*, or promotion), read and verified by each
+  rank; a fill that finds nothing (the medium evicted it meanwhile) or finds bad bytes is a miss and
+  a recompute, never an error and never KV in attention;
+* the owner of its own capacity (a folder, a Redis ``maxmemory``, a peer), shared with others, and
+  allowed to be stale.
+
+It comes as two halves, built from the same configuration in different processes:
+
+:class:`Catalog` (scheduler side): which chunks the medium holds; no bytes; never blocks the
+scheduler. ``best_piece`` answers from what it knows; a catalog that asked the network and has no
+answer yet says :data:`PENDING`, and the connector tells vLLM to ask again later.
+
+:class:`Store` (worker side, one rank's bytes): ``submit_write`` returns at once (results come
+back through ``take_results``); ``read_into`` fills buffers and verifies them, raising
+:class:`ChunkMiss` when the bytes are not there or not right.
+
+A medium whose fills are slow (network, cold disk) sets ``Catalog.asynchronous``: its fills run in
+the background through vLLM's asynchronous-load path, so one slow read never stalls the batch.
+
+Registering a medium from outside the package: :mod:`lmcache_connector.tiers.registry`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()  # a catalog's "not known yet": ask again later
+
+
+class ChunkMiss(Exception):
+    """A fill found no usable chunk (gone, truncated, corrupt or foreign): a miss, then a recompute.
+
+    ``gone`` says the catalog should forget the chunk (it is not there, or never will be usable).
+    """
+
+    def __init__(self, message: str, gone: bool = True):
+        super().__init__(message)
+        self.gone = gone
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    """A chunk a catalog knows of: its key (the fingerprint of its last block) and every block boundary."""
+
+    key: bytes
+    block_fps: tuple[bytes, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_fps)
+
+
+@dataclass
+class WriteResult:
+    """One rank's write of one chunk to a medium, done or failed."""
+
+    job_id: int
+    ok: bool
+    nbytes: int = 0  # KV bytes written
+    seconds: float = 0.0
+
+
+class Catalog(ABC):
+    """Scheduler side of a medium. Every method returns at once."""
+
+    name: str = "secondary"  # the tier's name in plans, stats and logs
+    hit_source: str = "external_unspecified"  # vLLM's CacheHitSource for hits it supplies
+    asynchronous: bool = False  # fills through vLLM's asynchronous-load path
+    order: int = 50  # place in the lookup chain after memory: disk 10, peer 20, remote 30
+
+    def poll(self) -> None:
+        """Take in what background work found since the last call (called every step)."""
+        return None
+
+    @abstractmethod
+    def best_piece(self, block_fps: Sequence[bytes]) -> tuple[StoredChunk, int] | _Pending | None:
+        """The held chunk covering the most leading blocks of one chunk's ``block_fps``, and how many."""
+
+    def __contains__(self, key: bytes) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return 0
+
+    def touch(self, key: bytes) -> None:
+        """The chunk was just used (recency), in the background."""
+        return None
+
+    def accepts_writes(self) -> bool:
+        return True
+
+    @abstractmethod
+    def stored(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int) -> None:
+        """Every rank wrote the chunk."""
+
+    @abstractmethod
+    def forget(self, key: bytes) -> None:
+        """The chunk is gone (evicted, or found bad by a fill)."""
+
+    def writes_stopped(self) -> None:
+        """A worker stopped writing to this medium (e.g. a read-only folder): plan no more writes."""
+        return None
+
+    def discard(self, key: bytes) -> None:
+        """Forget the chunk and remove it from the medium (a write that landed after a reset)."""
+        self.forget(key)
+
+    def clear(self, in_flight: Sequence[bytes] = ()) -> None:
+        """Forget (and remove) every chunk of this namespace; ``in_flight`` ones may still land."""
+        return None
+
+    def usage(self) -> int:
+        return 0
+
+    def capacity(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        return None
+
+
+class Store(ABC):
+    """Worker side of a medium: one rank's bytes."""
+
+    @abstractmethod
+    def submit_write(self, job_id: int, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
+        """Write the chunk (``regions``: its bytes, region by region) in the background; the buffers
+        stay untouched until the result is taken."""
+
+    @abstractmethod
+    def read_into(self, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
+        """Fill ``regions`` with the chunk's verified bytes, or raise :class:`ChunkMiss`."""
+
+    @abstractmethod
+    def take_results(self) -> tuple[list[WriteResult], list[bytes]]:
+        """Writes finished since the last call, and keys of chunks the medium dropped meanwhile."""
+
+    def writes_stopped(self) -> bool:
+        return False
+
+    def flush(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float) -> None:
+        return None
+
+
+class Medium(ABC):
+    """A kind of secondary tier: builds its two halves from the configuration (or ``None`` when off).
+
+    ``chunk_shape(num_blocks)`` (worker side) is the ``(regions, blocks, row_bytes)`` shape of a
+    chunk's bytes on this rank; ``rank`` is the rank's tag (``tp0pp0``).
+    """
+
+    name: str = "secondary"
+
+    @abstractmethod
+    def catalog(self, config, geometry) -> Catalog | None: ...
+
+    @abstractmethod
+    def store(self, config, geometry, rank: str, chunk_shape) -> Store | None: ...
