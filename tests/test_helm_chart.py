@@ -263,20 +263,18 @@ def test_values_that_become_variables_are_strings_in_values_yaml():
 
 @pytest.mark.parametrize(
     ("values", "expected"),
+    # No LMCACHE_MODEL_NAME unless lmcache.modelName is set: the connector fingerprints the checkpoint.
     [
-        ("defaults", LMCacheConfig(max_local_cpu_size=2.0, model_name="Qwen/Qwen2.5-0.5B-Instruct")),
+        ("defaults", LMCacheConfig(max_local_cpu_size=2.0)),
         ("example-values.yaml", LMCacheConfig(
-            chunk_size=512, max_local_cpu_size=2.0, local_disk="/tmp/lmcache", max_local_disk_size=10.0,
-            model_name="Qwen/Qwen2.5-0.5B-Instruct")),
+            chunk_size=512, max_local_cpu_size=2.0, local_disk="/tmp/lmcache", max_local_disk_size=10.0)),
         ("disk-pvc-values.yaml", LMCacheConfig(
-            max_local_cpu_size=2.0, local_disk="/data/lmcache", max_local_disk_size=40.0,
-            model_name="Qwen/Qwen2.5-0.5B-Instruct")),
+            max_local_cpu_size=2.0, local_disk="/data/lmcache", max_local_disk_size=40.0)),
         ("redis-p2p-values.yaml", LMCacheConfig(
             max_local_cpu_size=3.0, remote_url=f"redis://{FULLNAME}-redis:6379", enable_p2p=True,
-            lookup_url=f"redis://{FULLNAME}-redis:6379", distributed_url=f"{POD_IP}:8200",
-            model_name="Qwen/Qwen2.5-0.5B-Instruct")),
+            lookup_url=f"redis://{FULLNAME}-redis:6379", distributed_url=f"{POD_IP}:8200")),
         ("ingress-autoscaling-values.yaml", LMCacheConfig(
-            max_local_cpu_size=20.0, model_name="meta-llama/Llama-3.1-8B-Instruct")),
+            max_local_cpu_size=20.0)),
     ],
 )  # fmt: skip
 def test_the_library_reads_the_configuration_the_values_describe(rendered, values, expected, caplog):
