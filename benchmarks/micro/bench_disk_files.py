@@ -6,7 +6,9 @@ A call writes or reads 4 chunk files of the bench model's geometry (8 regions x 
 - write: ``tiers.disk.format.write_chunk`` (checksum, temporary name, reserve, ``writev``, rename;
   no fsync) against ``os.open`` + ``os.pwritev`` of the same header and regions over a file of
   that size + close. The ceiling overwrites in place: truncating or replacing a file makes ext4
-  start writeback on close (``auto_da_alloc``), which would time the disk, not the copy;
+  start writeback on close (``auto_da_alloc``), which would time the disk, not the copy. The peer
+  writes a new file, as the tier must: unlink the last one, ``O_CREAT|O_EXCL``, ``writev``, close
+  (no checksum, reservation or rename): fresh page-cache pages and blocks, which the ceiling has not;
 - read: ``tiers.disk.format.read_chunk_into`` (open, header check, read into the slot's regions,
   xxh3 checksum) against ``os.open`` + ``os.preadv`` of the same bytes into the same regions + close.
 """
@@ -54,7 +56,7 @@ def folder(tmp_path_factory):
     return path, headers, data, slot
 
 
-@pytest.mark.parametrize("role", ["ceiling", "op"])  # the ceiling first: the op's ratio needs it
+@pytest.mark.parametrize("role", ["ceiling", "peer", "op"])  # the op last: its ratios need the others
 def test_write(benchmark, folder, role):
     path, headers, data, _ = folder
     regions = _regions(data)
@@ -72,11 +74,23 @@ def test_write(benchmark, folder, role):
             finally:
                 os.close(fd)
 
+    def peer() -> None:
+        for name in plain:
+            new = name + ".new"
+            if os.path.exists(new):
+                os.unlink(new)
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.writev(fd, [encoded, *regions])
+            finally:
+                os.close(fd)
+
     def op() -> None:
         for header in headers:
             write_chunk(path, header, regions, fsync=False)
 
-    measure(benchmark, "disk write (warm)", role, ceiling if role == "ceiling" else op, FILES * data.numel())
+    run = {"ceiling": ceiling, "peer": peer, "op": op}[role]
+    measure(benchmark, "disk write (warm)", role, run, FILES * data.numel())
 
 
 @pytest.mark.parametrize("role", ["ceiling", "op"])

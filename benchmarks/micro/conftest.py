@@ -19,7 +19,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.name.startswith("bench_") and file_path.suffix == ".py":
+    # A file named on the command line is collected by pytest itself.
+    if file_path.name.startswith("bench_") and file_path.suffix == ".py" and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -30,4 +31,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
         return
     terminalreporter.section("op / ceiling (throughput ratio of the medians, same run)")
     for group, roles in sorted(pairs.items()):
-        terminalreporter.write_line(f"{group:36} {roles['ceiling'] / roles['op']:5.2f}")
+        peer = f"   op / peer {roles['peer'] / roles['op']:5.2f}" if "peer" in roles else ""
+        terminalreporter.write_line(f"{group:36} {roles['ceiling'] / roles['op']:5.2f}{peer}")
