@@ -1,7 +1,8 @@
 """Chunk files of the disk tier beside plain system calls moving the same bytes, page cache warm.
 
-A call writes or reads 4 chunk files of the bench model's geometry (8 regions x 8 blocks x 64 KiB
-= 4 MiB each) in a folder under pytest's temporary folder (``--basetemp`` picks another disk).
+A call writes or reads 16 chunk files of the bench model's geometry (8 regions x 8 blocks x 64 KiB
+= 4 MiB each: 64 MiB, beyond the CPU caches), each from or into a slot of its own, in a folder
+under pytest's temporary folder (``--basetemp`` picks another disk).
 
 - write: ``tiers.disk.format.write_chunk`` (checksum, temporary name, reserve, ``writev``, rename;
   no fsync) against ``os.open`` + ``os.pwritev`` of the same header and regions over a file of
@@ -34,7 +35,7 @@ from lmcache_connector.tiers.disk.format import (
 
 NS = "ab" * 16
 SHAPE = (8, 8, 64 * 1024)
-FILES = 4
+FILES = 16
 
 
 def _regions(tensor: torch.Tensor) -> list[memoryview]:
@@ -52,8 +53,8 @@ def folder(tmp_path_factory):
         header = ChunkHeader(fps[-1], NS, rank_tag(0), fps, SHAPE)
         write_chunk(path, header, _regions(data), fsync=False)
         headers.append(read_header(os.path.join(path, header.file_name))[0])
-    slot = torch.empty(SHAPE, dtype=torch.uint8)
-    return path, headers, data, slot
+    slots = torch.empty((FILES, *SHAPE), dtype=torch.uint8)
+    return path, headers, data, slots
 
 
 @pytest.mark.parametrize("role", ["ceiling", "peer", "op"])  # the op last: its ratios need the others
@@ -95,12 +96,13 @@ def test_write(benchmark, folder, role):
 
 @pytest.mark.parametrize("role", ["ceiling", "op"])
 def test_read(benchmark, folder, role):
-    path, headers, data, slot = folder
-    regions = _regions(slot)
-    files = [(os.path.join(path, h.file_name), h, read_header(os.path.join(path, h.file_name))[1]) for h in headers]
+    path, headers, data, slots = folder
+    slot_regions = [_regions(slot) for slot in slots]
+    names = [os.path.join(path, h.file_name) for h in headers]
+    offsets = [read_header(name)[1] for name in names]
 
     def ceiling() -> None:
-        for name, _, offset in files:
+        for name, offset, regions in zip(names, offsets, slot_regions, strict=True):
             fd = os.open(name, os.O_RDONLY)
             try:
                 got = os.preadv(fd, regions, offset)
@@ -109,8 +111,8 @@ def test_read(benchmark, folder, role):
             assert got == data.numel()
 
     def op() -> None:
-        for name, header, _ in files:
+        for name, header, regions in zip(names, headers, slot_regions, strict=True):
             read_chunk_into(name, header, regions)
 
     measure(benchmark, "disk read (warm)", role, ceiling if role == "ceiling" else op, FILES * data.numel())
-    assert torch.equal(slot, data)
+    assert all(torch.equal(slot, data) for slot in slots)

@@ -2,8 +2,8 @@
 
 The geometry of ``benchmarks/bench_ops_cpu.py``: 8 layers, 8 KV heads, head size 64, bf16,
 block 32 tokens, vLLM's CPU layout LBHNC (8 regions of 64 KiB rows), 256-token chunks of 4 MiB.
-A call moves 8 chunks (32 MiB) between a 512 MiB cache (far beyond the CPU caches) and 8
-preallocated chunk buffers; the ceiling copies the same number of bytes from a contiguous range
+A call moves 32 chunks (128 MiB) between a 512 MiB cache and 32 preallocated chunk buffers (both
+far beyond the CPU caches); the ceiling copies the same number of bytes from a contiguous range
 of the same cache into (or out of) the same buffers with ``torch.Tensor.copy_``.
 """
 
@@ -24,7 +24,7 @@ from bench_ops_cpu import BLOCKS_PER_CHUNK, bench_layout  # noqa: E402
 from lmcache_connector.ops import gather_blocks, scatter_blocks  # noqa: E402
 
 NUM_BLOCKS = 1024  # 512 MiB
-CHUNKS = 8
+CHUNKS = 32
 
 
 @pytest.fixture(scope="module")
