@@ -35,6 +35,7 @@ import torch
 from lmcache_connector.config import LMCacheConfig
 from lmcache_connector.counters import Counters
 from lmcache_connector.geometry import Geometry
+from lmcache_connector.keys import rank_tag
 from lmcache_connector.ops import PagedKV
 from lmcache_connector.ops.mover import make_block_mover
 from lmcache_connector.plan import FAILED_SLOT, AsyncLoad, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
@@ -43,10 +44,6 @@ from lmcache_connector.tiers.memory.pool import MemoryPool
 from lmcache_connector.tiers.memory.prefault import populate_in_background
 
 logger = logging.getLogger("lmcache_connector")
-
-
-def rank_tag(tp_rank: int, pp_rank: int = 0) -> str:
-    return f"tp{tp_rank}pp{pp_rank}"
 
 
 class Executor:

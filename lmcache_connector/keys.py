@@ -110,6 +110,11 @@ def _mm_extras(items: Sequence[MultimodalItem], start: int, end: int) -> bytes:
     return "|".join(parts).encode()
 
 
+def rank_tag(tp_rank: int, pp_rank: int = 0) -> str:
+    """The tag of one rank's shard of a chunk, in file names and every other storage name."""
+    return f"tp{tp_rank}pp{pp_rank}"
+
+
 def storage_name(rank_digest: bytes, chunk_key: bytes) -> str:
     """File / object name of one rank's copy of a chunk (hex, filesystem-safe)."""
     return rank_digest.hex()[:16] + "-" + chunk_key.hex()

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from lmcache_connector.keys import rank_tag  # noqa: F401 (one rule for every storage name; callers import it from here too)
+
 FORMAT = "lmcache_connector.chunk"
 FORMAT_VERSION = "1"
 SUFFIX = ".lmc.safetensors"
@@ -70,10 +72,6 @@ class ChunkHeader:
     @property
     def file_name(self) -> str:
         return chunk_file_name(self.namespace, self.rank, self.key)
-
-
-def rank_tag(tp_rank: int, pp_rank: int = 0) -> str:
-    return f"tp{tp_rank}pp{pp_rank}"
 
 
 def chunk_file_name(namespace_hex: str, rank: str, key_hex: str) -> str:
