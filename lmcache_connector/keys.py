@@ -60,10 +60,6 @@ class Namespace:
         canonical = json.dumps({"version": KEY_FORMAT_VERSION, **asdict(self)}, sort_keys=True)
         return _h(b"lmcache_connector.namespace", canonical.encode())
 
-    def rank_digest(self, tp_rank: int, pp_rank: int = 0) -> bytes:
-        """Namespace of one rank's shard: the bytes a rank stores differ from its peers'."""
-        return _h(self.digest(), f"tp{tp_rank}/pp{pp_rank}".encode())
-
 
 @dataclass(frozen=True)
 class MultimodalItem:
@@ -115,6 +111,12 @@ def rank_tag(tp_rank: int, pp_rank: int = 0) -> str:
     return f"tp{tp_rank}pp{pp_rank}"
 
 
-def storage_name(rank_digest: bytes, chunk_key: bytes) -> str:
-    """File / object name of one rank's copy of a chunk (hex, filesystem-safe)."""
-    return rank_digest.hex()[:16] + "-" + chunk_key.hex()
+def storage_name(namespace_hex: str, rank: str, key_hex: str) -> str:
+    """The one name of one rank's copy of a chunk, wherever it is kept: ``<namespace16>-<rank>-<key>``.
+
+    ``namespace_hex`` is the rank-less namespace digest (its first 16 hex digits go in the name),
+    ``rank`` a :func:`rank_tag`, ``key_hex`` the chunk key (the fingerprint of its last block, or of
+    any block boundary for the entries that point into a chunk). Lower-case hex and dashes only, so
+    the name is safe as a file name, a Redis key, an S3 object name and a registry entry; each
+    medium adds its own prefix or suffix (a file's ``.lmc.safetensors``, a Redis key prefix)."""
+    return f"{namespace_hex[:16]}-{rank}-{key_hex}"

@@ -31,6 +31,7 @@ embeddings were.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,14 +103,18 @@ class _Store:
 
 
 @dataclass
-class SchedulerStats:
+class PlannerTotals:
+    """Totals since start, never reset (``state()["totals"]``: tests, the demo, debugging). The
+    per-step figures that vLLM's stats and ``/metrics`` show are :class:`~lmcache_connector.counters.Counters`,
+    which are taken (and reset) every step."""
+
     lookups: int = 0
     requested_tokens: int = 0
     hit_tokens: int = 0
     stored_chunks: int = 0
     resumed_requests: int = 0  # preempted requests scheduled again
-    disk_hit_tokens: int = 0
-    disk_written_chunks: int = 0
+    hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # tokens loaded that each tier supplied
+    written_chunks_by_tier: dict[str, int] = field(default_factory=dict)  # chunks written behind memory
 
 
 class Planner:
@@ -120,7 +125,7 @@ class Planner:
         self.geometry = geometry
         self.index = ChunkIndex(geometry.num_slots, geometry.blocks_per_chunk, geometry.block_bytes)
         self.namespace_digest = geometry.namespace.digest()
-        self.stats = SchedulerStats()
+        self.totals = PlannerTotals()
         self.counters = Counters()
         self.counters.set_gauge("capacity_bytes.memory", geometry.num_slots * geometry.slot_bytes)
         self.disabled = False  # a worker cannot move bytes: no more matching or storing
@@ -167,7 +172,7 @@ class Planner:
         for catalog in self.secondaries:
             catalog.poll()  # e.g. chunks other engines wrote since the last step
         state = self._state_for(request)
-        self.stats.lookups += 1
+        self.totals.lookups += 1
         self.counters.add("lookups")
         state.lookup, state.lookup_async = [], False
         state.lookup_local_tokens = num_computed_tokens
@@ -180,7 +185,7 @@ class Planner:
         hit_blocks = pieces[-1].chunk * bpc + pieces[-1].num_blocks if pieces else 0
         hit_tokens = min(hit_blocks * bs, request.num_tokens - 1)
         state.lookup = pieces
-        self.stats.requested_tokens += max(0, request.num_tokens - num_computed_tokens)
+        self.totals.requested_tokens += max(0, request.num_tokens - num_computed_tokens)
         new_tokens = max(0, hit_tokens - num_computed_tokens)
         first = num_computed_tokens // bs
         state.lookup_async = new_tokens > 0 and any(
@@ -265,11 +270,12 @@ class Planner:
         if covered < end:
             logger.warning("Request %s: stored chunks no longer cover the promised hit; recomputing", req_id)
             state.pending_loads.append(LoadSpec(FAILED_SLOT, 0, block_ids[covered:end]))
-        self.stats.hit_tokens += num_external_tokens
+        self.totals.hit_tokens += num_external_tokens
         self.counters.add("hit_tokens", num_external_tokens)
         for tier, tokens in state.hit_tokens_by_tier.items():
             self.counters.add(f"hit_tokens.{tier}", tokens)
-        self.stats.disk_hit_tokens += state.hit_tokens_by_tier.get("disk", 0)
+        for tier, tokens in state.hit_tokens_by_tier.items():
+            self.totals.hit_tokens_by_tier[tier] = self.totals.hit_tokens_by_tier.get(tier, 0) + tokens
         if state.lookup_async:
             for fill in state.pending_fills:
                 self.index.get(fill.key).filling = True  # loadable only once the background fill is done
@@ -336,7 +342,7 @@ class Planner:
                 continue
             if item.replace_blocks:
                 if state.block_ids:
-                    self.stats.resumed_requests += 1
+                    self.totals.resumed_requests += 1
                 state.block_ids = list(item.block_ids)
             else:
                 state.block_ids.extend(item.block_ids)
@@ -495,7 +501,7 @@ class Planner:
             return
         self.index.complete_store(job.key, ok=ok)
         if ok:
-            self.stats.stored_chunks += job.req_id is not None
+            self.totals.stored_chunks += job.req_id is not None
             return
         state = self._requests.get(job.req_id) if job.req_id is not None else None
         if state is not None:
@@ -522,7 +528,8 @@ class Planner:
                 catalog.discard(key)  # whatever any rank wrote
             elif outcome:
                 catalog.stored(key, block_fps, len(block_fps) * self.geometry.block_bytes * self.geometry.world_size)
-                self.stats.disk_written_chunks += job[0] == "disk"
+                written = self.totals.written_chunks_by_tier
+                written[job[0]] = written.get(job[0], 0) + 1
         for name, key in report.gone:
             if name in self._tiers:
                 self._tiers[name].forget(key)
@@ -619,7 +626,7 @@ class Planner:
             "dropped_stores": index.stats.dropped_stores,
             "inflight": self.inflight,
             "tracked_requests": len(self._requests),
-            "stats": vars(self.stats).copy(),
+            "totals": copy.deepcopy(vars(self.totals)),
             "disk_chunks": len(self.disk) if self.disk is not None else None,
             "disk_writes_enabled": self.disk is not None and self.disk.accepts_writes(),
             "tiers": {c.name: {"chunks": len(c), "usage_bytes": c.usage()} for c in self.secondaries},

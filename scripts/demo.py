@@ -68,7 +68,7 @@ def main() -> None:
     print(f"Speed-up of the repeated prompt: {cold / warm_ttft:.1f}x  ({hit} of {len(document)} prompt tokens reused)")
     print(
         f"Memory tier: {state['entries']} chunks, {state['stored_bytes'] / 2**20:.1f} MiB stored "
-        f"in {state['used_slots']}/{state['num_slots']} slots; {state['stats']['hit_tokens']} tokens loaded in total"
+        f"in {state['used_slots']}/{state['num_slots']} slots; {state['totals']['hit_tokens']} tokens loaded in total"
     )
 
 

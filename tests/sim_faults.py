@@ -165,7 +165,7 @@ def install_hooks(sim: Any, rank: int, worker: Any) -> None:
     disk = worker_disk(worker)
     if disk is None:
         return
-    read_into, submit_write, write = disk.read_into, disk.submit_write, disk._write
+    read_into, submit_write, write = disk.read_into, disk.submit_write, disk.write_job
     queued: dict[int, bytes] = {}
 
     def hooked_read_into(expect, regions):
@@ -197,4 +197,4 @@ def install_hooks(sim: Any, rank: int, worker: Any) -> None:
             os.utime(disk.path(job.header.key), (when, when))
         return written
 
-    disk.read_into, disk.submit_write, disk._write = hooked_read_into, hooked_submit_write, hooked_write
+    disk.read_into, disk.submit_write, disk.write_job = hooked_read_into, hooked_submit_write, hooked_write

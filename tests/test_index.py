@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from lmcache_connector.tiers.chain import find_pieces
 from lmcache_connector.tiers.memory.index import ChunkIndex, ChunkState
 
 
 def chunk_fps(prefix: str, n: int) -> tuple[bytes, ...]:
     return tuple(f"{prefix}{i}".encode() for i in range(n))
+
+
+def lookup(index: ChunkIndex, fps: list[bytes]) -> list[tuple[int, int]]:
+    """(chunk number, blocks) of each piece of the longest prefix the memory tier alone holds."""
+    return [(p.chunk, p.num_blocks) for p in find_pieces(fps, index.blocks_per_chunk, index)]
 
 
 def store(index: ChunkIndex, fps: tuple[bytes, ...], ok: bool = True) -> int | None:
@@ -21,12 +27,11 @@ def test_lookup_returns_the_longest_stored_prefix_in_whole_blocks():
     prompt = chunk_fps("a", 10)
     store(index, prompt[0:4])
     store(index, prompt[4:8])
-    pieces = index.lookup(list(prompt))
-    assert [(p.chunk, p.num_blocks) for p in pieces] == [(0, 4), (1, 4)]
+    assert lookup(index, list(prompt)) == [(0, 4), (1, 4)]
     # A prompt that diverges inside chunk 1 still reuses the blocks before the divergence.
     diverging = list(prompt[:6]) + [b"x6", b"x7"]
-    assert [(p.chunk, p.num_blocks) for p in index.lookup(diverging)] == [(0, 4), (1, 2)]
-    assert index.lookup([b"other"]) == []
+    assert lookup(index, diverging) == [(0, 4), (1, 2)]
+    assert lookup(index, [b"other"]) == []
 
 
 def test_lookup_stops_at_the_first_missing_chunk():
@@ -34,7 +39,7 @@ def test_lookup_stops_at_the_first_missing_chunk():
     prompt = chunk_fps("a", 6)
     store(index, prompt[0:2])
     store(index, prompt[4:6])  # chunk 2 without chunk 1 is useless
-    assert [(p.chunk, p.num_blocks) for p in index.lookup(list(prompt))] == [(0, 2)]
+    assert lookup(index, list(prompt)) == [(0, 2)]
 
 
 def test_full_chunk_replaces_its_partial_version():
@@ -79,10 +84,10 @@ def test_in_flight_store_can_be_looked_up_but_a_discarded_one_cannot():
     index = ChunkIndex(num_slots=2, blocks_per_chunk=1, block_bytes=10)
     index.prepare_store(b"a", (b"a",))
     assert index.get(b"a").state is ChunkState.STORING
-    assert len(index.lookup([b"a"])) == 1
+    assert lookup(index, [b"a"]) == [(0, 1)]
     index.pin([b"a"])
     index.discard(b"a")
-    assert index.lookup([b"a"]) == []
+    assert lookup(index, [b"a"]) == []
     index.complete_store(b"a", ok=True)
     index.unpin([b"a"])
     assert len(index) == 0 and index.used_slots == 0 and index.pinned == 0

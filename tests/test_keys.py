@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
-from lmcache_connector.keys import MultimodalItem, Namespace, block_fingerprints, request_root
+from lmcache_connector.keys import MultimodalItem, Namespace, block_fingerprints, rank_tag, request_root, storage_name
 
 NS = Namespace(
     model="m", kv_dtype="bfloat16", kv_layout="LBHNC", page_bytes=4096, num_layers=2, block_size=16, chunk_size=64
@@ -51,7 +52,15 @@ def test_everything_that_changes_kv_changes_the_keys():
     assert fps(lora="adapter")[0] != base
     assert fps(cache_salt="tenant-a")[0] != base
     assert fps(cache_salt="tenant-a")[0] != fps(cache_salt="tenant-b")[0]
-    assert NS.rank_digest(0) != NS.rank_digest(1)
+
+
+def test_one_storage_name_per_rank_copy_of_a_chunk():
+    key = fps()[-1].hex()
+    other = dataclasses.replace(NS, model="another").digest().hex()
+    ns = NS.digest().hex()
+    names = {storage_name(ns, rank_tag(tp), key) for tp in range(2)} | {storage_name(other, rank_tag(0), key)}
+    assert len(names) == 3  # ranks and namespaces never share a name
+    assert all(re.fullmatch(r"[0-9a-f]{16}-tp\dpp0-[0-9a-f]{32}", n) for n in names)
 
 
 def test_multimodal_items_change_only_the_blocks_they_overlap():

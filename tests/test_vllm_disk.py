@@ -58,7 +58,7 @@ def test_a_new_engine_gets_hits_for_what_an_earlier_one_stored(engine_tmp, tmp_p
         warm = one(second, prompt)
         state = second.call("connector_state")
     assert warm["num_cached_tokens"] == 672  # every whole block of the 700-token prompt
-    assert state["stats"]["disk_hit_tokens"] == 672
+    assert state["totals"]["hit_tokens_by_tier"]["disk"] == 672
     assert_same_greedy(cold, warm)
     assert_same_greedy(one(baseline, prompt), warm)
 
@@ -142,11 +142,11 @@ def test_memory_smaller_than_the_working_set_is_backed_by_disk(engine_tmp, tmp_p
     with start_engine(TINY, engine_tmp, env=env, extra_config=CHUNK) as engine:
         for prompt in prompts:
             one(engine, prompt)
-        before = engine.call("connector_state")["stats"]["disk_hit_tokens"]
+        before = engine.call("connector_state")["totals"]["hit_tokens_by_tier"].get("disk", 0)
         out = one(engine, prompts[0])  # long evicted from memory
         state = engine.call("connector_state")
     assert out["num_cached_tokens"] == 511
-    assert state["stats"]["disk_hit_tokens"] - before == 511
+    assert state["totals"]["hit_tokens_by_tier"]["disk"] - before == 511
     assert state["evictions"] > 0
     assert_same_greedy(one(baseline, prompts[0]), out)
 

@@ -61,9 +61,9 @@ def test_preemption_keeps_outputs_correct_and_releases_everything(engines):
     engine, baseline = engines
     prompts = [random_prompt(400, seed=300 + i) for i in range(6)]
     expected = _expected(baseline, prompts, 120)
-    resumed_before = engine.call("connector_state")["stats"]["resumed_requests"]
+    resumed_before = engine.call("connector_state")["totals"]["resumed_requests"]
     outputs = engine.generate(prompts, max_tokens=120, logprobs=5)  # 6 x ~16 blocks > 64: preemption
     for want, got in zip(expected, outputs, strict=True):
         assert_same_greedy(want, got)
     state = _assert_clean(engine)
-    assert state["stats"]["resumed_requests"] > resumed_before  # preemption really happened
+    assert state["totals"]["resumed_requests"] > resumed_before  # preemption really happened

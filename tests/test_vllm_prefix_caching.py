@@ -24,7 +24,7 @@ def engine(engine_tmp):
 
 
 def _hits(engine) -> int:
-    return engine.call("connector_state")["stats"]["hit_tokens"]
+    return engine.call("connector_state")["totals"]["hit_tokens"]
 
 
 def test_connector_fills_in_after_vllm_evicted_the_prompt(engine):

@@ -69,7 +69,7 @@ def test_questions_on_shared_documents_never_fail_and_revisits_hit(engines):
         outputs = _check(engine, baseline, _round(doc))
         assert outputs[0]["num_cached_tokens"] >= DOC_TOKENS
     state = engine.call("connector_state")
-    assert state["stats"]["disk_hit_tokens"] > 0
+    assert state["totals"]["hit_tokens_by_tier"]["disk"] > 0
     assert (state["pins"], state["inflight"], state["tracked_requests"]) == (0, 0, 0)
     assert state["stored_bytes"] == state["recounted_bytes"]
 

@@ -95,13 +95,15 @@ class LMCacheConnector(KVConnectorBase_V1):
         # fail a request, so recompute is the default (LMCACHE_LOAD_FAILURE_POLICY=fail opts out).
         self._kv_transfer_config.kv_load_failure_policy = self.config.load_failure_policy
 
-        self._scheduler: Planner | None = None
-        self._worker: Executor | None = None
+        # The vLLM-free halves this glue drives: one of them per process, by role. Public so that
+        # tests and tools read their state() and wrap their movers without reaching into privates.
+        self.planner: Planner | None = None
+        self.executor: Executor | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = Planner(self.config, self.geometry, media(self.config.extra_tiers))
+            self.planner = Planner(self.config, self.geometry, media(self.config.extra_tiers))
             self._log_start()
         else:
-            self._worker = Executor(
+            self.executor = Executor(
                 self.config, self.geometry, worker_rank or vllm_rank(), media(self.config.extra_tiers)
             )
 
@@ -135,7 +137,7 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     def state(self) -> dict[str, Any]:
         """Bookkeeping of this process's half (pins, in-flight jobs, slots), for tests and debugging."""
-        half = self._scheduler or self._worker
+        half = self.planner or self.executor
         return half.state()
 
     # ============================================================ statistics (both sides)
@@ -156,7 +158,7 @@ class LMCacheConnector(KVConnectorBase_V1):
         return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:
-        half = self._scheduler or self._worker
+        half = self.planner or self.executor
         data = half.counters.take() if half is not None else {}
         return build_stats(data) if data else None
 
@@ -165,8 +167,8 @@ class LMCacheConnector(KVConnectorBase_V1):
             return {}
         sources: dict[CacheHitSource, int] = {}
         try:
-            names = self._scheduler.hit_sources()
-            for tier, tokens in self._scheduler.hit_tokens_by_tier(request.request_id).items():
+            names = self.planner.hit_sources()
+            for tier, tokens in self.planner.hit_tokens_by_tier(request.request_id).items():
                 source = _hit_source(names.get(tier, "external_unspecified"))
                 sources[source] = sources.get(source, 0) + tokens
         except Exception:
@@ -183,7 +185,7 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_miss)
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         self._asked[request.request_id] = num_computed_tokens
-        return self._scheduler.lookup(prompt_request(request), num_computed_tokens)
+        return self.planner.lookup(prompt_request(request), num_computed_tokens)
 
     def _remember_promise(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> list[int]:
         """The blocks vLLM now counts as computed because of this connector's answer."""
@@ -205,14 +207,12 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_fail_promise)
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._remember_promise(request, blocks, num_external_tokens)
-        self._scheduler.after_alloc(
-            request.request_id, request.num_tokens, blocks.get_block_ids()[0], num_external_tokens
-        )
+        self.planner.after_alloc(request.request_id, request.num_tokens, blocks.get_block_ids()[0], num_external_tokens)
 
     def _failed_plan(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         # Nothing of this step's plan is trustworthy: every block promised this step is a load error.
         try:
-            self._scheduler.abandon_step()
+            self.planner.abandon_step()
         except Exception:
             logger.exception("lmcache_connector: releasing a failed step's pins failed")
         self._fallback_steps -= 1  # distinct from every real step, and from earlier fallbacks
@@ -226,7 +226,7 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     @_shielded(_failed_plan)
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        plan = self._scheduler.build_plan(scheduled_requests(scheduler_output))
+        plan = self.planner.build_plan(scheduled_requests(scheduler_output))
         for req_id, block_ids in self._failed_promises.items():
             plan.loads[req_id] = [LoadSpec(FAILED_SLOT, 0, block_ids)]
         self._promised.clear()
@@ -239,9 +239,9 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     @_shielded(_ignore)
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        if self._scheduler is None:
+        if self.planner is None:
             return
-        self._scheduler.apply_report(connector_output.kv_connector_worker_meta)
+        self.planner.apply_report(connector_output.kv_connector_worker_meta)
         if connector_output.invalid_block_ids:
             self._uncache_failed_blocks(connector_output.invalid_block_ids)
 
@@ -254,7 +254,7 @@ class LMCacheConnector(KVConnectorBase_V1):
         request is preempted or aborted first, a later request would get the never-written bytes
         (or KV computed over them) as a prefix-cache hit. Under ``fail`` vLLM evicts them itself.
         """
-        tainted = self._scheduler.blocks_computed_from(invalid)
+        tainted = self.planner.blocks_computed_from(invalid)
         manager = self._kv_cache_manager
         if manager is not None and self._kv_transfer_config.kv_load_failure_policy == "recompute":
             manager.evict_blocks(tainted)
@@ -265,18 +265,18 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_keep_nothing)
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._asked.pop(request.request_id, None)
-        if self._scheduler is not None:
-            self._scheduler.request_finished(request.request_id)
+        if self.planner is not None:
+            self.planner.request_finished(request.request_id)
         return False, None
 
     def reset_cache(self) -> bool | None:
-        return self._scheduler.reset_cache() if self._scheduler is not None else None
+        return self.planner.reset_cache() if self.planner is not None else None
 
     # ============================================================ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         try:
-            self._worker.register_kv_caches(kv_caches)
+            self.executor.register_kv_caches(kv_caches)
         except Exception:
             # Without a usable view of the KV cache every load fails (and is recomputed) and
             # nothing is stored; the engine itself keeps serving.
@@ -285,13 +285,13 @@ class LMCacheConnector(KVConnectorBase_V1):
     def _fail_loads(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._connector_metadata
         if isinstance(plan, StepPlan):
-            self._worker.abort_loads(plan)
+            self.executor.abort_loads(plan)
 
     @_shielded(_fail_loads)
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         plan = self._connector_metadata
         if isinstance(plan, StepPlan):
-            self._worker.start_load_kv(plan)
+            self.executor.start_load_kv(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv, before the forward
@@ -302,38 +302,38 @@ class LMCacheConnector(KVConnectorBase_V1):
     def _fail_stores(self) -> None:
         plan = self._connector_metadata
         if isinstance(plan, StepPlan):
-            self._worker.abort_stores(plan)
+            self.executor.abort_stores(plan)
 
     @_shielded(_fail_stores)
     def wait_for_save(self) -> None:
         plan = self._connector_metadata
         if isinstance(plan, StepPlan):
-            self._worker.wait_for_save(plan)
+            self.executor.wait_for_save(plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Background loads (requests in WAITING_FOR_REMOTE_KVS) that finished on this rank, done or
         failed (a failed one's blocks are in this step's load errors)."""
-        if self._worker is None:
+        if self.executor is None:
             return None, None
         try:
-            finished = self._worker.finished_loads()
+            finished = self.executor.finished_loads()
         except Exception:
             logger.exception("lmcache_connector: finishing background loads failed")
             finished = set()
         return None, (finished or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_load_errors() if self._worker is not None else set()
+        return self.executor.take_load_errors() if self.executor is not None else set()
 
     @_shielded(_ignore)
     def build_connector_worker_meta(self):
-        return self._worker.take_report() if self._worker is not None else None
+        return self.executor.take_report() if self.executor is not None else None
 
     def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown()
-        if self._scheduler is not None:
-            self._scheduler.shutdown()
+        if self.executor is not None:
+            self.executor.shutdown()
+        if self.planner is not None:
+            self.planner.shutdown()
 
 
 def _hit_source(name: str) -> CacheHitSource:

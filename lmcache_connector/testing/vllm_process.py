@@ -249,7 +249,7 @@ class _Handlers:
 
         scheduler = self._scheduler_connector()
         worker = self._worker_connector()
-        disk = worker._worker.disk
+        disk = worker.executor.disk
         if settle:
             if disk is not None:
                 disk.flush(30)
@@ -267,7 +267,7 @@ class _Handlers:
     def fingerprints(self, prompt: list[int]) -> dict[str, Any]:
         from lmcache_connector.keys import block_fingerprints, request_root
 
-        sched = self._scheduler_connector()._scheduler
+        sched = self._scheduler_connector().planner
         fps = block_fingerprints(request_root(sched.namespace_digest), prompt, sched.geometry.block_size)
         return {"namespace": sched.namespace_digest.hex(), "fingerprints": [fp.hex() for fp in fps]}
 
@@ -304,7 +304,7 @@ class _Handlers:
 
     def fail_next_loads(self, count: int) -> None:
         """Make the worker's next ``count`` chunk loads raise, as a broken tier would."""
-        worker = self._worker_connector()._worker
+        worker = self._worker_connector().executor
         original = worker.mover.load
         remaining = [count]
 
@@ -320,10 +320,10 @@ class _Handlers:
         """Overwrite every stored chunk's bytes with noise (a negative control: outputs must change)."""
         import torch
 
-        worker = self._worker_connector()._worker
-        index = self._scheduler_connector()._scheduler.index
+        worker = self._worker_connector().executor
+        index = self._scheduler_connector().planner.index
         gen = torch.Generator().manual_seed(seed)
-        for slot in {index.get(key).slot for key in list(index._entries)}:
+        for slot in {entry.slot for entry in index.entries()}:
             view = worker.pool.slot(slot)
             view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8, generator=gen))
 

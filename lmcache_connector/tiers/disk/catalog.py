@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 from lmcache_connector.tiers.disk.folder import remove_quietly
 from lmcache_connector.tiers.disk.format import (
-    SUFFIX,
     TMP_SUFFIX,
     ChunkFileError,
     ForeignChunkError,
+    chunk_file_name,
     parse_file_name,
     read_header,
     temp_writer_pid,
@@ -220,13 +220,13 @@ class DiskCatalog:
         now = time.time()
         for tag in self.rank_tags:
             try:
-                os.utime(self._path(tag, key.hex()), (now, now))
+                os.utime(self.file_path(tag, key.hex()), (now, now))
             except FileNotFoundError:
                 pass
 
     def _delete_files(self, key: bytes) -> None:
         for tag in self.rank_tags:
-            _unlink(self._path(tag, key.hex()))
+            _unlink(self.file_path(tag, key.hex()))
 
     def _delete_namespace(self) -> None:
         with os.scandir(self.folder) as it:
@@ -235,8 +235,9 @@ class DiskCatalog:
                 if parsed is not None and parsed[0] == self.namespace_hex[:16] and parsed[1] in self.rank_tags:
                     _unlink(item.path)
 
-    def _path(self, tag: str, key_hex: str) -> str:
-        return os.path.join(self.folder, f"{self.namespace_hex[:16]}-{tag}-{key_hex}{SUFFIX}")
+    def file_path(self, tag: str, key_hex: str) -> str:
+        """Where rank ``tag``'s copy of chunk ``key_hex`` lives (whether or not it is there)."""
+        return os.path.join(self.folder, chunk_file_name(self.namespace_hex, tag, key_hex))
 
     def _scan(self, deadline: float | None, known: set[str] | None = None, generation: int = 0) -> set[str]:
         """List the folder; report new complete chunks of our namespace and vanished ones."""
@@ -278,7 +279,7 @@ class DiskCatalog:
         total = 0
         block_fps: tuple[bytes, ...] = ()
         for tag in self.rank_tags:
-            path = self._path(tag, key_hex)
+            path = self.file_path(tag, key_hex)
             try:
                 header, _, size = read_header(path)
                 if header.key != key_hex or not header.namespace.startswith(self.namespace_hex[:16]):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from lmcache_connector.keys import rank_tag  # noqa: F401 (one rule for every storage name; callers import it from here too)
+from lmcache_connector.keys import rank_tag, storage_name  # noqa: F401 (callers import rank_tag from here too)
 
 FORMAT = "lmcache_connector.chunk"
 FORMAT_VERSION = "1"
@@ -75,7 +75,7 @@ class ChunkHeader:
 
 
 def chunk_file_name(namespace_hex: str, rank: str, key_hex: str) -> str:
-    return f"{namespace_hex[:16]}-{rank}-{key_hex}{SUFFIX}"
+    return storage_name(namespace_hex, rank, key_hex) + SUFFIX
 
 
 def parse_file_name(name: str) -> tuple[str, str, str] | None:

@@ -190,7 +190,7 @@ class DiskTier:
             return failed
         started = time.perf_counter()
         try:
-            size = self._write(job)
+            size = self.write_job(job)
         except OSError as exc:
             self._on_error(job, exc)
             return failed
@@ -227,8 +227,9 @@ class DiskTier:
         else:
             logger.warning("Writing chunk %s to disk failed: %s", job.header.key[:12], exc)
 
-    def _write(self, job: WriteJob) -> int:
-        """Write one chunk file within the folder's bound; its size, or 0 when it cannot fit."""
+    def write_job(self, job: WriteJob) -> int:
+        """Write one chunk file within the folder's bound, on the calling thread (the background
+        writer's; tests wrap it to delay or inspect writes); its size, or 0 when it cannot fit."""
         header = replace(job.header, checksum=checksum(job.regions))
         encoded = encode_header(header)
         size = len(encoded) + header.nbytes

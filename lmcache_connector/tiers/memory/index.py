@@ -5,9 +5,11 @@ it hands out slots, decides evictions, and knows which chunks may be read. The w
 bytes into and out of the slots it is told to use. The contract (modelled on vLLM's
 ``kv_offload/abstract.py``):
 
-* ``lookup(fps)`` — the longest run of leading blocks held by stored chunks, as pieces of chunks;
-  side-effect free, so vLLM may ask as often as it likes. A chunk whose store is still in flight
-  counts: the worker orders the load after the store and fails it if the store failed.
+* ``best_piece(block_fps)`` — the loadable chunk covering the most leading blocks of one chunk's
+  worth of a prompt's block fingerprints; side-effect free, so vLLM may ask as often as it likes
+  (the prompt-long walk over every tier is :func:`lmcache_connector.tiers.chain.find_pieces`). A
+  chunk whose store is still in flight counts: the worker orders the load after the store and
+  fails it if the store failed.
 * ``prepare_store(key, fps)`` — a free slot (evicting least-recently-used READY, unpinned chunks if
   needed) for a new chunk, which is STORING and pinned until ``complete_store``; ``None`` when every
   slot is pinned: the store is dropped, a future miss, never an error.
@@ -53,15 +55,6 @@ class ChunkEntry:
         return len(self.block_fps)
 
 
-@dataclass(frozen=True)
-class ChunkPiece:
-    """Blocks ``[0, num_blocks)`` of a stored chunk that cover chunk number ``chunk`` of a prompt."""
-
-    chunk: int
-    entry: ChunkEntry
-    num_blocks: int
-
-
 @dataclass
 class IndexStats:
     evictions: int = 0
@@ -98,21 +91,6 @@ class ChunkIndex:
             1 for e in self._entries.values() if e.state is ChunkState.READY and e.pins == 0 and e.key not in excluding
         )
 
-    def lookup(self, fps: list[bytes]) -> list[ChunkPiece]:
-        """Pieces covering the longest prefix of ``fps`` (block fingerprints) held by READY chunks."""
-        bpc = self.blocks_per_chunk
-        pieces: list[ChunkPiece] = []
-        for chunk in range((len(fps) + bpc - 1) // bpc):
-            block_fps = fps[chunk * bpc : (chunk + 1) * bpc]
-            best = self.best_piece(block_fps)
-            if best is None:
-                break
-            piece = ChunkPiece(chunk, *best)
-            pieces.append(piece)
-            if piece.num_blocks < len(block_fps):
-                break
-        return pieces
-
     def best_piece(self, block_fps: list[bytes]) -> tuple[ChunkEntry, int] | None:
         """The loadable chunk covering the most leading blocks of ``block_fps`` (one chunk's blocks)."""
         for n in range(len(block_fps), 0, -1):
@@ -133,6 +111,10 @@ class ChunkIndex:
     def recount_bytes(self) -> int:
         """``stored_bytes`` recomputed from the entries (a consistency check for tests)."""
         return sum(e.num_blocks for e in self._entries.values()) * self.block_bytes
+
+    def entries(self) -> list[ChunkEntry]:
+        """Every chunk the tier holds, least recently used first."""
+        return list(self._entries.values())
 
     def pinned_entries(self) -> list[ChunkEntry]:
         return [e for e in self._entries.values() if e.pins]
