@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lmcache_connector.tiers.disk import format as disk_format
-from lmcache_connector.tiers.disk.format import ChunkHeader, write_chunk
+from lmcache_connector.tiers.disk.folder import write_chunk
+from lmcache_connector.tiers.disk.format import ChunkHeader
 
 SCRIPT = Path(sys.executable).with_name("lmcache-connector")
 NS_A, NS_B = "ab" * 16, "cd" * 16

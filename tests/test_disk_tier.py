@@ -23,12 +23,12 @@ from lmcache_connector.tiers.disk import folder as disk_folder
 from lmcache_connector.tiers.disk import format as disk_format
 from lmcache_connector.tiers.disk import store as disk
 from lmcache_connector.tiers.disk.catalog import DiskCatalog
+from lmcache_connector.tiers.disk.folder import write_chunk
 from lmcache_connector.tiers.disk.format import (
     ChunkFileError,
     ChunkHeader,
     chunk_file_name,
     rank_tag,
-    write_chunk,
 )
 from lmcache_connector.tiers.disk.lru import FileLRU
 from lmcache_connector.tiers.disk.store import DiskTier

@@ -186,7 +186,8 @@ def test_an_unusable_disk_folder_does_not_stop_serving(engine_tmp, tmp_path, bas
 
 def test_chunk_files_cannot_be_mistaken_for_another_chunk(tmp_path):
     """A file renamed to another chunk's name fails its header check instead of being loaded."""
-    from lmcache_connector.tiers.disk.format import ChunkHeader, rank_tag, write_chunk
+    from lmcache_connector.tiers.disk.folder import write_chunk
+    from lmcache_connector.tiers.disk.format import ChunkHeader, rank_tag
 
     a = ChunkHeader("a" * 32, "ab" * 16, rank_tag(0), ("a" * 32,), (1, 1, 64))
     b = ChunkHeader("b" * 32, "ab" * 16, rank_tag(0), ("b" * 32,), (1, 1, 64))

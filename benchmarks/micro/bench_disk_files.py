@@ -4,7 +4,7 @@ A call writes or reads 16 chunk files of the bench model's geometry (8 regions x
 = 4 MiB each: 64 MiB, beyond the CPU caches), each from or into a slot of its own, in a folder
 under pytest's temporary folder (``--basetemp`` picks another disk).
 
-- write: ``tiers.disk.format.write_chunk`` (checksum, temporary name, reserve, ``writev``, rename;
+- write: ``tiers.disk.folder.write_chunk`` (checksum, temporary name, reserve, ``writev``, rename;
   no fsync) against ``os.open`` + ``os.pwritev`` of the same header and regions over a file of
   that size + close. The ceiling overwrites in place: truncating or replacing a file makes ext4
   start writeback on close (``auto_da_alloc``), which would time the disk, not the copy. The peer
@@ -23,6 +23,7 @@ import pytest
 import torch
 from pairs import measure
 
+from lmcache_connector.tiers.disk.folder import write_chunk
 from lmcache_connector.tiers.disk.format import (
     ChunkHeader,
     checksum,
@@ -30,7 +31,6 @@ from lmcache_connector.tiers.disk.format import (
     rank_tag,
     read_chunk_into,
     read_header,
-    write_chunk,
 )
 
 NS = "ab" * 16

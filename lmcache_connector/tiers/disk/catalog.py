@@ -226,14 +226,14 @@ class DiskCatalog:
 
     def _delete_files(self, key: bytes) -> None:
         for tag in self.rank_tags:
-            _unlink(self.file_path(tag, key.hex()))
+            remove_quietly(self.file_path(tag, key.hex()))
 
     def _delete_namespace(self) -> None:
         with os.scandir(self.folder) as it:
             for item in it:
                 parsed = parse_file_name(item.name)
                 if parsed is not None and parsed[0] == self.namespace_hex[:16] and parsed[1] in self.rank_tags:
-                    _unlink(item.path)
+                    remove_quietly(item.path)
 
     def file_path(self, tag: str, key_hex: str) -> str:
         """Where rank ``tag``'s copy of chunk ``key_hex`` lives (whether or not it is there)."""
@@ -292,7 +292,7 @@ class DiskCatalog:
                 return None  # another version of this library: neither loaded nor deleted
             except ChunkFileError as exc:
                 logger.warning("Removing unusable cache file %s: %s", os.path.basename(path), exc)
-                _unlink(path)
+                remove_quietly(path)
                 return None
             except FileNotFoundError:
                 return None
@@ -314,7 +314,7 @@ class DiskCatalog:
         idle = time.time() - stat.st_mtime
         pid = temp_writer_pid(item.name)
         if (idle > TEMP_IDLE_S and pid is not None and not _pid_alive(pid)) or idle > TEMP_ABANDONED_S:
-            _unlink(item.path)
+            remove_quietly(item.path)
             return 0
         return stat.st_size
 
@@ -329,7 +329,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _unlink(path: str) -> None:
-    remove_quietly(path)  # every deletion in a cache folder goes through folder.py

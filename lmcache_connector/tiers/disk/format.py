@@ -127,17 +127,6 @@ def encode_header(header: ChunkHeader) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_chunk(folder: str, header: ChunkHeader, regions: Sequence[memoryview], fsync: bool = True) -> int:
-    """Write one chunk file atomically: :func:`lmcache_connector.tiers.disk.folder.write_chunk`.
-
-    Writing a file into a folder is a folder operation and lives in ``folder.py``; this name stays
-    for existing callers. Imported on call: ``folder.py`` imports this module.
-    """
-    from lmcache_connector.tiers.disk import folder as disk_folder
-
-    return disk_folder.write_chunk(folder, header, regions, fsync)
-
-
 # ---------------------------------------------------------------- reading
 
 
