@@ -76,7 +76,7 @@ class LMCacheConfig:
     load_failure_policy: str = "recompute"
     disk_flush_timeout_secs: float = 10.0
     disk_rescan_interval_secs: float = 10.0
-    disk_async_fills: bool = True
+    disk_async_fills: bool | str = "auto"  # True, False or "auto" (by page cache)
     extra_tiers: str | None = None
 
     @property
@@ -140,6 +140,15 @@ def _parse_bool(raw: Any) -> bool:
     if text in _FALSE:
         return False
     raise ValueError("expected a boolean: True/true/1 or False/false/0")
+
+
+def _parse_bool_or_auto(raw: Any) -> bool | str:
+    if str(raw).strip().strip("\"'").lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(raw)
+    except ValueError:
+        raise ValueError("expected auto, or a boolean: True/true/1 or False/false/0") from None
 
 
 def _parse_positive_int(raw: Any) -> int:
@@ -295,9 +304,10 @@ SETTINGS: dict[str, _Setting] = {
         _parse_seconds, "How often the disk folder is rescanned for chunks other engines wrote or evicted."
     ),
     "disk_async_fills": _Setting(
-        _parse_bool,
-        "Read disk chunks in the background (vLLM's asynchronous-load path) so a slow read never stalls "
-        "the batch; False reads them on the model thread before the step's forward.",
+        _parse_bool_or_auto,
+        "How disk chunks are read into memory: auto (in the background through vLLM's asynchronous-load "
+        "path when a file is not in the page cache, on the model thread when it is), True (always in the "
+        "background) or False (always on the model thread, before the step's forward).",
     ),
     "extra_tiers": _Setting(
         _parse_optional_text,

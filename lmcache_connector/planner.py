@@ -189,7 +189,7 @@ class Planner:
         new_tokens = max(0, hit_tokens - num_computed_tokens)
         first = num_computed_tokens // bs
         state.lookup_async = new_tokens > 0 and any(
-            self._tiers[p.tier].asynchronous
+            self._tiers[p.tier].fills_asynchronously(p.entry)
             for p in pieces
             if p.tier != "memory" and p.chunk * bpc + p.num_blocks > first
         )

@@ -43,7 +43,7 @@ class SimConfig:
     disk_chunks: int = 64  # chunk files per rank the disk bound holds
     load_failure_policy: str = "recompute"
     enable_prompt_embeds: bool = False
-    disk_async_fills: bool = False  # the disk tier's fills on the model thread unless a test asks otherwise
+    disk_async_fills: bool | str = False  # the disk tier's fills on the model thread unless a test asks otherwise
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property

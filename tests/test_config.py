@@ -254,3 +254,11 @@ def test_lmcache_connector_config_never_prints_a_password(monkeypatch, capsys, a
     assert cli.main(args) == 2
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err and "LMCACHE_REMOTE_URL='rediss://app:***@cache:0'" in out.out + out.err
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("auto", "auto"), ("AUTO", "auto"), ("True", True), ("0", False)])
+def test_disk_fills_are_auto_by_default_or_forced_either_way(raw, expected):
+    assert load_config(env={}).disk_async_fills == "auto"
+    assert load_config(env={"LMCACHE_DISK_ASYNC_FILLS": raw}).disk_async_fills == expected
+    with pytest.raises(ConfigError, match="LMCACHE_DISK_ASYNC_FILLS.*expected auto, or a boolean"):
+        load_config(env={"LMCACHE_DISK_ASYNC_FILLS": "sometimes"})

@@ -31,6 +31,8 @@ from lmcache_connector.tiers.disk.format import (
     rank_tag,
 )
 from lmcache_connector.tiers.disk.lru import FileLRU
+from lmcache_connector.tiers.disk.medium import DiskCatalogTier
+from lmcache_connector.tiers.disk.page_cache import is_cached
 from lmcache_connector.tiers.disk.store import DiskTier
 
 NS = "ab" * 16
@@ -581,3 +583,33 @@ def test_catalog_rebuilds_from_headers_and_cleans_leftovers(tmp_path):
         assert (tmp_path / header(7, ns=OTHER_NS).file_name).exists() and (tmp_path / "README").exists()
     finally:
         catalog.close()
+
+
+def test_page_cache_probe_tells_a_warm_file_from_an_evicted_one(tmp_path):
+    write_chunk(str(tmp_path), header(1), regions(chunk(1)))  # fsynced: its pages can be dropped
+    path = str(tmp_path / header(1).file_name)
+    assert is_cached(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert not is_cached(path)
+    assert not is_cached(str(tmp_path / "gone.lmc.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["auto", True, False])
+def test_disk_fills_go_to_the_background_when_the_file_is_cold_or_when_told(tmp_path, mode):
+    write_chunk(str(tmp_path), header(1), regions(chunk(1)))
+    catalog = DiskCatalogTier(DiskCatalog(str(tmp_path), NS, [rank_tag(0)]), 1 << 30, asynchronous=mode)
+    try:
+        fps = [bytes.fromhex(fp) for fp in header(1).block_fps]
+        stored, _ = catalog.best_piece(fps)
+        warm = catalog.fills_asynchronously(stored)
+        fd = os.open(str(tmp_path / header(1).file_name), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        cold = catalog.fills_asynchronously(stored)
+    finally:
+        catalog.close()
+    assert (warm, cold) == {"auto": (False, True), True: (True, True), False: (False, False)}[mode]

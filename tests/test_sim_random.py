@@ -28,6 +28,7 @@ import pytest
 from sim_harness import SimFactory, clear_lmcache_env
 
 from lmcache_connector.testing.tiny_model import random_prompt
+from lmcache_connector.tiers.disk import medium as disk_medium
 
 SAME_STEP_PROMOTION = "a new request loaded a slot before a resumed one's disk promotion into it ran (same step)"
 DISCARDED_STEP_CACHED = (
@@ -114,10 +115,11 @@ def _settings(rng: random.Random, tp: int) -> dict:
 
 
 def run_random_mix(
-    make_sim, seed: int, steps: int, tp: int = 1, mix: Mix | None = None, background_fills: bool = False
+    make_sim, seed: int, steps: int, tp: int = 1, mix: Mix | None = None, background_fills: bool | str = False
 ) -> int:
     """One seeded run; returns the number of engine steps it took (the invariant holds on each).
-    ``background_fills``: disk fills through vLLM's asynchronous-load path (same workload)."""
+    ``background_fills``: LMCACHE_DISK_ASYNC_FILLS (True: disk fills through vLLM's asynchronous-load
+    path; "auto": by the page cache; same workload)."""
     mix = mix or Mix()
     rng = random.Random(seed)
     sim = make_sim(**_settings(rng, tp), disk_async_fills=background_fills)
@@ -198,7 +200,16 @@ def test_random_mix_keeps_the_invariant_with_background_disk_fills(make_sim, see
     _timed(make_sim, seed, steps, tp=1, background_fills=True)
 
 
-def _timed(make_sim, seed: int, steps: int, tp: int, background_fills: bool = False) -> None:
+@pytest.mark.parametrize(("seed", "steps"), _cases(tp=1)[-2:])
+def test_random_mix_keeps_the_invariant_when_fills_follow_the_page_cache(make_sim, seed, steps, monkeypatch):
+    # LMCACHE_DISK_ASYNC_FILLS=auto: each lookup's disk files are warm or cold at random, so some
+    # requests load on the model thread while others wait for background fills in the same steps.
+    coin = random.Random(seed)
+    monkeypatch.setattr(disk_medium, "is_cached", lambda path: coin.random() < 0.7)
+    _timed(make_sim, seed, steps, tp=1, background_fills="auto")
+
+
+def _timed(make_sim, seed: int, steps: int, tp: int, background_fills: bool | str = False) -> None:
     started = time.perf_counter()
     total = run_random_mix(make_sim, seed, steps, tp=tp, background_fills=background_fills)
     elapsed = time.perf_counter() - started

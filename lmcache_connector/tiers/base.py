@@ -22,8 +22,9 @@ answer yet says :data:`PENDING`, and the connector tells vLLM to ask again later
 back through ``take_results``); ``read_into`` fills buffers and verifies them, raising
 :class:`ChunkMiss` when the bytes are not there or not right.
 
-A medium whose fills are slow (network, cold disk) sets ``Catalog.asynchronous``: its fills run in
-the background through vLLM's asynchronous-load path, so one slow read never stalls the batch.
+A medium whose fills are slow (network, cold disk) sets ``Catalog.asynchronous`` (or answers per chunk
+in ``fills_asynchronously``): its fills run in the background through vLLM's asynchronous-load
+path, so one slow read never stalls the batch.
 
 Registering a medium from outside the package: :mod:`lmcache_connector.tiers.registry`.
 """
@@ -81,7 +82,7 @@ class Catalog(ABC):
 
     name: str = "secondary"  # the tier's name in plans, stats and logs
     hit_source: str = "external_unspecified"  # vLLM's CacheHitSource for hits it supplies
-    asynchronous: bool = False  # fills through vLLM's asynchronous-load path
+    asynchronous: bool = False  # fills through vLLM's asynchronous-load path (see fills_asynchronously)
     order: int = 50  # place in the lookup chain after memory: disk 10, peer 20, remote 30
 
     def poll(self) -> None:
@@ -91,6 +92,12 @@ class Catalog(ABC):
     @abstractmethod
     def best_piece(self, block_fps: Sequence[bytes]) -> tuple[StoredChunk, int] | _Pending | None:
         """The held chunk covering the most leading blocks of one chunk's ``block_fps``, and how many."""
+
+    def fills_asynchronously(self, chunk: StoredChunk) -> bool:
+        """Whether a fill of ``chunk`` goes through vLLM's asynchronous-load path. A medium may
+        decide per chunk (the disk tier: by whether its file is in the page cache); by default,
+        :attr:`asynchronous`."""
+        return self.asynchronous
 
     def __contains__(self, key: bytes) -> bool:
         return False

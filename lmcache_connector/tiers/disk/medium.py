@@ -16,6 +16,7 @@ from dataclasses import asdict
 from lmcache_connector.tiers.base import Catalog, ChunkMiss, Medium, Store, StoredChunk, WriteResult
 from lmcache_connector.tiers.disk.catalog import DiskCatalog
 from lmcache_connector.tiers.disk.format import ChunkFileError, ChunkHeader, ForeignChunkError, rank_tag
+from lmcache_connector.tiers.disk.page_cache import is_cached
 from lmcache_connector.tiers.disk.store import DiskTier
 
 logger = logging.getLogger("lmcache_connector")
@@ -49,9 +50,10 @@ class DiskCatalogTier(Catalog):
     hit_source = "disk"
     order = 10
 
-    def __init__(self, folder: DiskCatalog, max_bytes: int, asynchronous: bool = False):
+    def __init__(self, folder: DiskCatalog, max_bytes: int, asynchronous: bool | str = False):
         self.folder = folder
-        self.asynchronous = asynchronous  # LMCACHE_DISK_ASYNC_FILLS
+        self.fill_mode = asynchronous  # LMCACHE_DISK_ASYNC_FILLS: True, False or "auto"
+        self.asynchronous = asynchronous is not False
         self.max_bytes = max_bytes
         self._writes = True
 
@@ -60,6 +62,12 @@ class DiskCatalogTier(Catalog):
 
     def best_piece(self, block_fps: Sequence[bytes]) -> tuple[StoredChunk, int] | None:
         return self.folder.best_piece(list(block_fps))
+
+    def fills_asynchronously(self, chunk: StoredChunk) -> bool:
+        if self.fill_mode != "auto":
+            return bool(self.fill_mode)
+        # Every rank reads its own file: one cold file would stall the step for all of them.
+        return not all(is_cached(self.folder.file_path(tag, chunk.key.hex())) for tag in self.folder.rank_tags)
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.folder
