@@ -26,7 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from lmcache_connector.urls import RemoteUrl, parse_redis_url, parse_remote_url, redacted_url
+from lmcache_connector.urls import (
+    DEFAULT_SERVICE_NAME,
+    RemoteUrl,
+    is_service_name,
+    parse_redis_url,
+    parse_remote_url,
+    redacted_url,
+)
 
 logger = logging.getLogger("lmcache_connector")
 
@@ -78,6 +85,18 @@ class LMCacheConfig:
     disk_rescan_interval_secs: float = 10.0
     disk_async_fills: bool | str = "auto"  # True, False or "auto" (by page cache)
     extra_tiers: str | None = None
+    # Remote tier (Redis): how to reach it and how values are kept there.
+    remote_password_file: str | None = None
+    remote_sentinel_password_file: str | None = None
+    remote_service_name: str | None = None
+    remote_tls: bool = False
+    remote_tls_ca_file: str | None = None
+    remote_tls_cert_file: str | None = None
+    remote_tls_key_file: str | None = None
+    remote_tls_check_hostname: bool = True
+    remote_ttl_secs: int | None = None
+    remote_lookup_timeout_ms: float = 100.0
+    remote_key_prefix: str = "lmc:"
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -183,6 +202,60 @@ def _parse_seconds(raw: Any) -> float:
     if not value > 0:
         raise ValueError("expected a number of seconds greater than 0")
     return value
+
+
+def _parse_optional_seconds(raw: Any) -> int | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    problem = "expected a whole number of seconds greater than 0 (unset: values never expire)"
+    if isinstance(raw, bool) or not text.isdigit() or int(text) <= 0:
+        raise ValueError(problem)
+    return int(text)
+
+
+def _parse_milliseconds(raw: Any) -> float:
+    problem = "expected a number of milliseconds greater than 0 (e.g. 100)"
+    if isinstance(raw, bool):
+        raise ValueError(problem)
+    try:
+        value = float(str(raw).strip().strip("\"'"))
+    except ValueError:
+        raise ValueError(problem) from None
+    if not 0 < value < float("inf"):
+        raise ValueError(problem)
+    return value
+
+
+def _parse_readable_file(raw: Any) -> str | None:
+    """A file the process must read at start (a mounted Secret, a certificate): checked now, so a
+    missing mount is a start-up error naming the variable, not a connection failure later."""
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    if not os.path.isfile(text):
+        raise ValueError("expected a readable file: there is no file at this path")
+    if not os.access(text, os.R_OK):
+        raise ValueError("expected a readable file: this process may not read it")
+    return text
+
+
+def _parse_service_name(raw: Any) -> str | None:
+    text = _parse_optional_text(raw)
+    if text is not None and not is_service_name(text):
+        raise ValueError("expected a Sentinel service name: letters, digits and '_.:-' only (e.g. mymaster)")
+    return text
+
+
+def _parse_key_prefix(raw: Any) -> str:
+    text = str(raw).strip().strip("\"'")
+    # Braces would make a Redis Cluster hash tag: every key with the prefix would land in one slot,
+    # so the cache would stop spreading over the cluster's nodes.
+    if not text or len(text) > 64 or not all(33 <= ord(c) < 127 for c in text) or "{" in text or "}" in text:
+        raise ValueError(
+            "expected 1 to 64 printable ASCII characters without spaces or braces (e.g. lmc: or team-a:lmc:)"
+        )
+    return text
 
 
 def _parse_optional_text(raw: Any) -> str | None:
@@ -313,6 +386,32 @@ SETTINGS: dict[str, _Setting] = {
         _parse_optional_text,
         "Secondary media to load from outside the package: module:factory[,module:factory...].",
     ),
+    "remote_password_file": _Setting(
+        _parse_readable_file,
+        "File holding the remote store's password (a mounted Secret), instead of a password in the URL.",
+    ),
+    "remote_sentinel_password_file": _Setting(
+        _parse_readable_file, "File holding the Sentinels' own password (redis-sentinel:// only)."
+    ),
+    "remote_service_name": _Setting(
+        _parse_service_name, "Sentinel service name of the master (redis-sentinel:// only); default mymaster."
+    ),
+    "remote_tls": _Setting(
+        _parse_bool, "TLS to the remote store (Sentinel, Cluster, standalone); rediss:// implies it."
+    ),
+    "remote_tls_ca_file": _Setting(_parse_readable_file, "CA certificate(s) that sign the remote store's certificate."),
+    "remote_tls_cert_file": _Setting(_parse_readable_file, "Client certificate, when the server checks clients."),
+    "remote_tls_key_file": _Setting(_parse_readable_file, "Private key of the client certificate."),
+    "remote_tls_check_hostname": _Setting(
+        _parse_bool, "Check that the server's certificate names the host in the URL."
+    ),
+    "remote_ttl_secs": _Setting(
+        _parse_optional_seconds, "Expiry of remote values in seconds, refreshed by every hit; unset: none."
+    ),
+    "remote_lookup_timeout_ms": _Setting(
+        _parse_milliseconds, "How long a lookup may wait for the remote store before it counts as a miss."
+    ),
+    "remote_key_prefix": _Setting(_parse_key_prefix, "Prefix of every key this library writes to the remote store."),
 }
 
 
@@ -408,11 +507,47 @@ def _cross_checks(config: LMCacheConfig) -> list[str]:
             f"LMCACHE_LOCAL_DISK={config.local_disk!r} needs LMCACHE_MAX_LOCAL_DISK_SIZE: "
             "expected a size in GB greater than 0 (e.g. 10.0)"
         )
+    problems.extend(_remote_cross_checks(config))
     if config.enable_p2p:
         if not config.lookup_url:
             problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_LOOKUP_URL: expected redis://HOST:PORT")
         if not config.distributed_url:
             problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_DISTRIBUTED_URL: expected HOST:PORT")
+    return problems
+
+
+def _remote_cross_checks(config: LMCacheConfig) -> list[str]:
+    """Remote settings that contradict each other or the URL; silent otherwise (none is required)."""
+    problems = []
+    if bool(config.remote_tls_cert_file) != bool(config.remote_tls_key_file):
+        problems.append(
+            "LMCACHE_REMOTE_TLS_CERT_FILE and LMCACHE_REMOTE_TLS_KEY_FILE go together: "
+            "a client certificate needs its key; set both or neither"
+        )
+    url = config.parsed_remote_url
+    if url is None or url.kind != "redis":
+        return problems
+    shown = f"LMCACHE_REMOTE_URL={url.redacted()!r}"
+    if url.scheme == "unix" and config.remote_tls:
+        problems.append(f"LMCACHE_REMOTE_TLS=True with {shown}: a unix socket carries no TLS; use rediss://HOST:PORT")
+    if url.password is not None and config.remote_password_file:
+        problems.append(
+            f"{shown} and LMCACHE_REMOTE_PASSWORD_FILE both give a password: "
+            "keep one (the file keeps it out of the URL)"
+        )
+    if url.scheme != "redis-sentinel":
+        for key in ("remote_sentinel_password_file", "remote_service_name"):
+            if getattr(config, key):
+                problems.append(f"{env_name(key)} applies to redis-sentinel:// only, not to {shown}")
+    elif (
+        config.remote_service_name
+        and url.service_name != DEFAULT_SERVICE_NAME
+        and url.service_name != config.remote_service_name
+    ):
+        problems.append(
+            f"{shown} names service {url.service_name!r} and LMCACHE_REMOTE_SERVICE_NAME names "
+            f"{config.remote_service_name!r}: keep one"
+        )
     return problems
 
 

