@@ -133,8 +133,8 @@ class LMCacheConfig:
     def unavailable_tiers(self) -> list[str]:
         """Settings that name a tier this version cannot serve yet (logged once at start)."""
         tiers = []
-        if self.remote_url:
-            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)})")
+        if self.remote_url and self.parsed_remote_url.kind != "redis":
+            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)}; Redis URLs are served)")
         if self.enable_p2p:
             tiers.append("peer-to-peer sharing (LMCACHE_ENABLE_P2P)")
         return tiers

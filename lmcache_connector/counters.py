@@ -5,22 +5,25 @@ and vLLM collects them once per step through ``get_kv_connector_stats``: the wor
 summed across ranks and merged with the scheduler's, and only the flat ``dict`` travels to the
 front end, where :mod:`lmcache_connector.connector.metrics` turns it into Prometheus series.
 
-Keys of the dict (``tier`` is ``memory`` or ``disk``):
+Keys of the dict (``tier`` is ``memory``, ``disk`` or ``remote``):
 
 * counters (summed across workers and steps):
   ``requested_tokens``, ``hit_tokens``, ``hit_tokens.<tier>``, ``lookups``,
   ``stored_bytes.<tier>``, ``store_seconds.<tier>``, ``loaded_bytes.<tier>``, ``load_seconds.<tier>``,
   ``evictions.<tier>``, ``dropped_stores``, ``failed_loads``, ``failed_stores.<tier>``,
-  ``remote_failures``;
-* gauges (the latest value wins; set by the scheduler): ``usage_bytes.<tier>``, ``capacity_bytes.<tier>``.
+  ``dropped_writes.<tier>`` (writes a secondary tier dropped: its queue was full or it was down),
+  ``bad_values.<tier>`` (values under a valid key that were not the chunk asked for),
+  ``remote_failures`` (calls to a remote store that failed or timed out);
+* gauges (the latest value wins; set by the scheduler): ``usage_bytes.<tier>``, ``capacity_bytes.<tier>``,
+  ``tier_up.<tier>`` (1 while a secondary tier is reachable, 0 while it is down).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-TIERS = ("memory", "disk")
-GAUGE_PREFIXES = ("usage_bytes.", "capacity_bytes.")
+TIERS = ("memory", "disk", "remote")
+GAUGE_PREFIXES = ("usage_bytes.", "capacity_bytes.", "tier_up.")
 
 
 def is_gauge(key: str) -> bool:
@@ -32,10 +35,16 @@ class Counters:
 
     def __init__(self) -> None:
         self._counts: Counter = Counter()
+        self._totals: Counter = Counter()
         self._gauges: dict[str, float] = {}
 
     def add(self, key: str, amount: float = 1) -> None:
         self._counts[key] += amount
+        self._totals[key] += amount
+
+    def totals(self) -> dict[str, float]:
+        """Every counter since start, never reset (for ``state()``: tests and debugging)."""
+        return dict(self._totals)
 
     def set_gauge(self, key: str, value: float) -> None:
         self._gauges[key] = value

@@ -364,6 +364,8 @@ class Executor:
             else:
                 self._report.write_failed[(name, result.job_id)] += 1
                 self.counters.add(f"failed_stores.{name}")
+        for key, amount in store.take_counts().items():
+            self.counters.add(key, amount)
         self._report.gone.update((name, key) for key in gone)
         if gone:
             self.counters.add(f"evictions.{name}", len(gone))
@@ -382,6 +384,7 @@ class Executor:
             "tiers": sorted(self.stores),
             "queued_writes": len(self._write_jobs),
             "background_loads": len(self._async),
+            "totals": self.counters.totals(),
         }
 
     def flush_writes(self, timeout: float) -> None:

@@ -176,9 +176,11 @@ class Planner:
         self.counters.add("lookups")
         state.lookup, state.lookup_async = [], False
         state.lookup_local_tokens = num_computed_tokens
-        if self.disabled or not state.cacheable or not (len(self.index) or any(len(c) for c in self.secondaries)):
+        if self.disabled or not state.cacheable or not self._may_hit():
             return 0, False
         bs, bpc = self.geometry.block_size, self.geometry.blocks_per_chunk
+        for catalog in self.secondaries:
+            catalog.prefetch(state.fps, bpc)
         pieces = find_pieces(state.fps, bpc, self.index, self.secondaries, num_computed_tokens // bs)
         if pieces is PENDING:
             return None, False
@@ -194,6 +196,10 @@ class Planner:
             if p.tier != "memory" and p.chunk * bpc + p.num_blocks > first
         )
         return new_tokens, state.lookup_async
+
+    def _may_hit(self) -> bool:
+        """False when no tier can hold anything: lookups then cost nothing."""
+        return bool(len(self.index)) or any(len(c) or c.learns_by_asking for c in self.secondaries)
 
     def _state_for(self, request: PromptRequest) -> _RequestState:
         state = self._requests.get(request.req_id)
@@ -406,6 +412,10 @@ class Planner:
         self.counters.set_gauge("usage_bytes.memory", self.index.stored_bytes)
         for catalog in self.secondaries:
             self.counters.set_gauge(f"usage_bytes.{catalog.name}", catalog.usage())
+            self.counters.set_gauge(f"capacity_bytes.{catalog.name}", catalog.capacity())
+            self.counters.set_gauge(f"tier_up.{catalog.name}", float(catalog.up()))
+            for key, amount in catalog.take_counts().items():
+                self.counters.add(key, amount)
 
     def _access(self, state: _RequestState, computed: int, computed_after: int) -> StepAccess:
         # A load planned for this step writes its blocks: only the local prefix is read as it is.

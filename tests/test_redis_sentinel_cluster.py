@@ -161,6 +161,9 @@ def test_cluster_keeps_serving_the_keys_of_the_nodes_that_remain(redis_cluster):
         into = memoryview(bytearray(header.nbytes))
         decode_value(_eventually(lambda key=key: client.get(key)), header, [into])
         assert bytes(into) == payload
+    # A batch spanning every node answers for the live ones; the dead node's keys count as absent.
+    keys = [key for key, *_ in chunks]
+    assert client.exists_many(keys) == [key not in on_dead for key in keys]
 
 
 def _owns(admin, key: str) -> bool:

@@ -28,9 +28,11 @@ def start_engine(
     connector: bool = True,
     extra_config: dict | None = None,
     env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
     **llm_kwargs,
 ) -> EngineProcess:
-    """A real vLLM engine (CPU build) on a locally built model; prefix caching off unless asked."""
+    """A real vLLM engine (CPU build) on a locally built model; prefix caching off unless asked.
+    ``cpus``: bind it to those cores (engines that run side by side get one each)."""
     kwargs = {
         "model": str(build_model(shape, MODEL_ROOT)),
         "dtype": shape.torch_dtype,
@@ -42,7 +44,7 @@ def start_engine(
     }
     if connector:
         kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": extra_config or {}}
-    return EngineProcess(kwargs, engine_env(tmp, **(env or {})))
+    return EngineProcess(kwargs, engine_env(tmp, **(env or {})), cpus=cpus)
 
 
 def assert_same_greedy(expected: dict, actual: dict, tolerance: float = 0.05) -> None:

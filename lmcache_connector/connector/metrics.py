@@ -11,7 +11,7 @@ the connector's ``build_kv_connector_stats``. The dict's keys are documented in
   the Prometheus series below, which vLLM serves on ``/metrics``.
 
 Every series carries vLLM's labels ``model_name`` and ``engine``; those marked *tier* also carry
-``tier`` (``memory``, ``disk``). Counters are exposed with prometheus_client's ``_total`` suffix.
+``tier`` (``memory``, ``disk``, ``remote``). Counters are exposed with prometheus_client's ``_total`` suffix.
 
 ==============================================  =======  ====  ================================================
 series                                          type     tier  meaning
@@ -32,6 +32,9 @@ series                                          type     tier  meaning
 ``lmcache_connector_failed_stores_total``       counter  yes   stores a tier could not complete (a future miss)
 ``lmcache_connector_dropped_stores_total``      counter        stores skipped because no room could be made
 ``lmcache_connector_remote_failures_total``     counter        failed calls to a remote store or a peer
+``lmcache_connector_dropped_writes_total``      counter  yes   writes a secondary tier dropped (queue full, down)
+``lmcache_connector_bad_values_total``          counter  yes   values found that were not the chunk asked for
+``lmcache_connector_tier_up``                   gauge    yes   1 while a secondary tier is reachable, 0 when down
 ==============================================  =======  ====  ================================================
 """
 
@@ -96,7 +99,15 @@ class LMCacheConnectorStats(KVConnectorStats):
         return not self.data
 
 
-_TROUBLE = ("evictions", "failed_loads", "failed_stores", "dropped_stores", "remote_failures")
+_TROUBLE = (
+    "evictions",
+    "failed_loads",
+    "failed_stores",
+    "dropped_stores",
+    "remote_failures",
+    "dropped_writes",
+    "bad_values",
+)
 
 
 def _tiers_in(data: dict[str, Any]) -> list[str]:
@@ -145,6 +156,9 @@ SERIES = (
     Series("failed_stores", "Stores a tier could not complete (a future miss).", per_tier=True),
     Series("dropped_stores", "Stores skipped because no room could be made."),
     Series("remote_failures", "Failed calls to a remote store or a peer."),
+    Series("dropped_writes", "Writes a secondary tier dropped: its queue was full or it was down.", per_tier=True),
+    Series("bad_values", "Values found under a valid key that were not the chunk asked for.", per_tier=True),
+    Series("tier_up", "1 while a secondary tier is reachable, 0 while it is down.", gauge=True, per_tier=True),
 )
 
 HIT_RATE = Series("hit_rate", "Hit tokens / requested tokens since the server started.", gauge=True)

@@ -44,13 +44,18 @@ class EngineProcess:
         env: dict[str, str] | None = None,
         start_timeout: float = 300,
         file_size_limit: int | None = None,
+        cpus: set[int] | None = None,
     ):
         """``file_size_limit`` caps the size of any file the engine writes (RLIMIT_FSIZE): a real
-        kernel-enforced write failure, as a full disk gives."""
+        kernel-enforced write failure, as a full disk gives. ``cpus`` binds the engine to those
+        cores (and as many OpenMP threads), so engines running side by side do not fight over one."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         child_env = {**CPU_ENGINE_ENV, **(env or {})}
-        self._proc = ctx.Process(target=_serve, args=(child_conn, llm_kwargs, child_env, file_size_limit))
+        if cpus:
+            child_env["OMP_NUM_THREADS"] = str(len(cpus))
+        args = (child_conn, llm_kwargs, child_env, file_size_limit, sorted(cpus) if cpus else None)
+        self._proc = ctx.Process(target=_serve, args=args)
         self._proc.start()
         child_conn.close()
         self.start_seconds = self._receive(start_timeout)["start_seconds"]
@@ -109,8 +114,16 @@ class EngineProcess:
 # ---------------------------------------------------------------- the child
 
 
-def _serve(conn, llm_kwargs: dict[str, Any], env: dict[str, str], file_size_limit: int | None = None) -> None:
+def _serve(
+    conn,
+    llm_kwargs: dict[str, Any],
+    env: dict[str, str],
+    file_size_limit: int | None = None,
+    cpus: list[int] | None = None,
+) -> None:
     os.environ.update(env)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     if file_size_limit is not None:
         import resource
         import signal
@@ -240,7 +253,7 @@ class _Handlers:
         return get_kv_transfer_group()
 
     def connector_state(self, settle: bool = True) -> dict[str, Any]:
-        """The connector's bookkeeping. With ``settle``, background disk writes finish first and one
+        """The connector's bookkeeping. With ``settle``, background writes finish first and one
         tiny request (shorter than a block: it stores nothing) lets the workers report them, as the
         next real request would."""
         import resource
@@ -249,10 +262,8 @@ class _Handlers:
 
         scheduler = self._scheduler_connector()
         worker = self._worker_connector()
-        disk = worker.executor.disk
         if settle:
-            if disk is not None:
-                disk.flush(30)
+            worker.executor.flush_writes(30)  # every tier's background writes (disk, remote, ...)
             self.llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=1), use_tqdm=False)
         state = scheduler.state()
         worker_state = worker.state()
@@ -260,6 +271,7 @@ class _Handlers:
             slot_bytes=worker_state["slot_bytes"],
             pool_bytes=worker_state["pool_bytes"],
             worker_disabled=worker_state["disabled"],
+            worker_totals=worker_state["totals"],
             max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
         return state

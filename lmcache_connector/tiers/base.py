@@ -84,9 +84,17 @@ class Catalog(ABC):
     hit_source: str = "external_unspecified"  # vLLM's CacheHitSource for hits it supplies
     asynchronous: bool = False  # fills through vLLM's asynchronous-load path (see fills_asynchronously)
     order: int = 50  # place in the lookup chain after memory: disk 10, peer 20, remote 30
+    # True when the catalog learns what the medium holds by asking it (a store other engines fill):
+    # knowing no chunk yet is then no reason to skip a lookup.
+    learns_by_asking: bool = False
 
     def poll(self) -> None:
         """Take in what background work found since the last call (called every step)."""
+        return None
+
+    def prefetch(self, block_fps: Sequence[bytes], blocks_per_chunk: int) -> None:
+        """A prompt's block fingerprints, before the lookup chain asks about it chunk by chunk: a
+        catalog that asks the network asks about all of its chunks at once."""
         return None
 
     @abstractmethod
@@ -111,6 +119,15 @@ class Catalog(ABC):
 
     def accepts_writes(self) -> bool:
         return True
+
+    def up(self) -> bool:
+        """Whether the medium is reachable now (``lmcache_connector_tier_up``); a medium that is
+        down answers misses and takes no writes until it is back."""
+        return True
+
+    def take_counts(self) -> dict[str, float]:
+        """Counters since the last call, keyed as in :mod:`lmcache_connector.counters`."""
+        return {}
 
     @abstractmethod
     def stored(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int) -> None:
@@ -160,6 +177,10 @@ class Store(ABC):
 
     def writes_stopped(self) -> bool:
         return False
+
+    def take_counts(self) -> dict[str, float]:
+        """Counters since the last call, keyed as in :mod:`lmcache_connector.counters`."""
+        return {}
 
     def flush(self, timeout: float) -> bool:
         return True

@@ -26,8 +26,9 @@ EXTRA_TIERS_ENV = "LMCACHE_EXTRA_TIERS"
 
 def builtin_media() -> list[Medium]:
     from lmcache_connector.tiers.disk.medium import DiskMedium
+    from lmcache_connector.tiers.remote.medium import RemoteMedium
 
-    return [DiskMedium()]
+    return [DiskMedium(), RemoteMedium()]
 
 
 def media(extra_tiers: str | None = None) -> list[Medium]:

@@ -18,8 +18,8 @@ Operations, each one or a few round trips, none waiting longer than the socket t
   put(value_key, value, side_keys)   the value and the block entries pointing to it, one pipeline,
                                      each with the same TTL when one is set
   get(key)                           the value or None; a hit refreshes the TTL (GETEX)
-  resolve_side_keys(keys)            the value key each block entry points to, or None (MGET)
-  expire_many(keys, ttl), delete_many(keys), ping()
+  resolve_side_keys(keys)            what each block entry holds (the chunk it points to), or None (MGET)
+  expire_many(keys, ttl), delete_many(keys), delete_matching(pattern), memory(), ping()
 
 Every failure is one of this module's exceptions, never a redis-py one, so callers need not import
 redis: :class:`RemoteUnavailableError` (unreachable, timed out, connection lost: the tier is down
@@ -178,31 +178,40 @@ class RedisClient:
             else:
                 self._client.ping()
 
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        """Whether each key exists, in one round trip (per node on a cluster)."""
-        if not keys:
-            return []
+        """Whether each key exists, in one round trip (per node on a cluster: a key on a node that
+        does not answer counts as absent, unless no node answers)."""
+        if self._cluster:
+            return [bool(found) for found in self._per_node("EXISTS", keys, lambda pipe, key: pipe.exists(key))]
         # One EXISTS per key, pipelined: a multi-key EXISTS answers only how many exist.
-        with self._errors("EXISTS"):
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            return [bool(count) for count in pipe.execute()]
+        return [bool(count) for count in self._pipelined("EXISTS", keys, lambda pipe, key: pipe.exists(key))]
 
     def put(
-        self, value_key: str, value: bytes | memoryview, side_keys: Sequence[str] = (), ttl: int | None = None
+        self,
+        value_key: str,
+        value: bytes | memoryview,
+        side_keys: Sequence[str] = (),
+        ttl: int | None = None,
+        side_value: str | None = None,
     ) -> None:
         """Write the value and the block entries that point to it, in one pipeline.
 
-        The value goes first: on one server the pipeline runs in order, so no entry ever points to a
-        value not yet written. ``ttl`` (seconds) applies to every key; ``None``: the option's TTL.
+        Every entry holds ``side_value`` (by default the value's key; the remote tier stores a
+        block entry describing the chunk, :func:`~.value.encode_block_entry`). The value goes first:
+        on one server the pipeline runs in order, so no entry ever points to a value not yet
+        written. ``ttl`` (seconds) applies to every key; ``None``: the option's TTL.
         """
         ttl = self.options.ttl_secs if ttl is None else ttl
+        entry = value_key if side_value is None else side_value
         with self._errors("SET"):
             pipe = self._client.pipeline(transaction=False)
             pipe.set(value_key, value, ex=ttl)
             for key in side_keys:
-                pipe.set(key, value_key, ex=ttl)
+                pipe.set(key, entry, ex=ttl)
             pipe.execute()
 
     def get(self, key: str) -> bytes | None:
@@ -214,11 +223,14 @@ class RedisClient:
             return self._client.getex(key, ex=ttl) if ttl else self._client.get(key)
 
     def resolve_side_keys(self, keys: Sequence[str]) -> list[str | None]:
-        """The value key each block entry points to, or ``None`` where there is no entry."""
+        """What each block entry holds (the value it points to), or ``None`` where there is no entry."""
         if not keys:
             return []
-        with self._errors("MGET"):
-            found = self._client.mget_nonatomic(keys) if self._cluster else self._client.mget(keys)
+        if self._cluster:
+            found = self._per_node("GET", keys, lambda pipe, key: pipe.get(key))
+        else:
+            with self._errors("MGET"):
+                found = self._client.mget(keys)
         return [None if value is None else value.decode() for value in found]
 
     def expire_many(self, keys: Sequence[str], ttl: int) -> list[bool]:
@@ -228,6 +240,34 @@ class RedisClient:
     def delete_many(self, keys: Sequence[str]) -> int:
         """Remove the keys; how many existed."""
         return sum(self._pipelined("DEL", keys, lambda pipe, key: pipe.delete(key)))
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        """Remove every key matching ``pattern`` (SCAN, then DEL in batches; on every node of a
+        cluster); how many were removed. For resets: a namespace's keys, never the whole database."""
+        removed = 0
+        with self._errors("SCAN"):
+            found: list[str] = []
+            iterator = (
+                self._client.scan_iter(match=pattern, count=batch, target_nodes=self._client.ALL_NODES)
+                if self._cluster
+                else self._client.scan_iter(match=pattern, count=batch)
+            )
+            for key in iterator:
+                found.append(key)
+                if len(found) >= batch:
+                    removed += self.delete_many(found)
+                    found = []
+            removed += self.delete_many(found)
+        return removed
+
+    def memory(self) -> tuple[int, int]:
+        """``(used_memory, maxmemory)`` in bytes, summed over a cluster's nodes (0: no bound)."""
+        with self._errors("INFO"):
+            info = self._client.info("memory")
+        nodes = info.values() if self._cluster and all(isinstance(v, dict) for v in info.values()) else [info]
+        used = sum(int(node.get("used_memory", 0)) for node in nodes)
+        bound = sum(int(node.get("maxmemory", 0)) for node in nodes)
+        return used, bound
 
     def close(self) -> None:
         try:
@@ -245,6 +285,32 @@ class RedisClient:
             for key in keys:
                 add(pipe, key)
             return pipe.execute()
+
+    def _per_node(self, command: str, keys: Sequence[str], add: Callable[[Any, str], Any]) -> list[Any]:
+        """A cluster batch as one pipeline per node. A node that fails gives ``None`` for its keys
+        (a killed node costs its keys, not the whole answer); when every node fails, the error."""
+        if not keys:
+            return []
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        with self._errors(command):
+            for i, key in enumerate(keys):
+                node = self._client.get_node_from_key(key)
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+        results: list[Any] = [None] * len(keys)
+        failures: list[RemoteError] = []
+        for node, positions in by_node.values():
+            try:
+                with self._errors(command):
+                    pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
+                    for i in positions:
+                        add(pipe, keys[i])
+                    for i, value in zip(positions, pipe.execute(), strict=True):
+                        results[i] = value
+            except RemoteError as exc:
+                failures.append(exc)
+        if failures and len(failures) == len(by_node):
+            raise failures[0]
+        return results
 
     @contextmanager
     def _errors(self, command: str) -> Iterator[None]:

@@ -176,6 +176,36 @@ def decode_value(data: bytes | memoryview, expect: ValueHeader, regions: Sequenc
     return header
 
 
+# ---------------------------------------------------------------- block entries
+
+
+MAX_ENTRY_BLOCKS = 4096  # a block entry never describes more blocks than a chunk can hold
+_HEX32 = frozenset("0123456789abcdef")
+
+
+def encode_block_entry(key_hex: str, block_fps_hex: Sequence[str]) -> str:
+    """What a block entry holds: the chunk it belongs to (its key, then every block boundary),
+    ``"<key>:<fp>,<fp>,..."``. A reader learns the whole chunk from any one of its blocks, so a
+    prompt that shares only part of a chunk can still fill it (and verify the value's header)."""
+    return key_hex + ":" + ",".join(block_fps_hex)
+
+
+def decode_block_entry(raw: str | bytes) -> tuple[str, tuple[str, ...]] | None:
+    """``(key, block fingerprints)`` of a block entry, or ``None`` for anything else (planted,
+    truncated, another format): a miss, never an error."""
+    try:
+        text = raw.decode("ascii") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        return None
+    key, sep, fps = text.partition(":")
+    block_fps = tuple(fps.split(",")) if fps else ()
+    if not sep or not block_fps or len(block_fps) > MAX_ENTRY_BLOCKS or block_fps[-1] != key:
+        return None
+    if not all(len(fp) == 32 and set(fp) <= _HEX32 for fp in block_fps):
+        return None
+    return key, block_fps
+
+
 # ---------------------------------------------------------------- pieces
 
 

@@ -1,0 +1,387 @@
+"""Scheduler side of the remote tier: which chunks the remote store holds, learned in the background.
+
+The scheduler never waits on the network. :meth:`RemoteCatalog.best_piece` answers from what the
+catalog knows; what it does not know yet is asked by a background thread, and until the answer
+arrives the answer is :data:`~lmcache_connector.tiers.base.PENDING` (the connector tells vLLM to
+ask again later). :meth:`RemoteCatalog.prefetch` asks for a whole prompt at once, so a long prompt
+costs one question, not one per chunk.
+
+One question, for any number of chunks, is two round trips: the block entries of every block
+boundary asked about (``MGET``: each names the chunk holding that boundary and all of that chunk's
+block fingerprints, so a prompt that shares only part of a chunk still finds it), then ``EXISTS``
+on every rank's value of every chunk named. A chunk counts only when every tensor-parallel rank's
+value exists; an entry whose chunk is gone, or that is not a valid entry, is a miss.
+
+Promises:
+
+* **never blocking**: a question is given at most ``LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS``; past that
+  it is a miss and the tier is marked *down*: while down, every lookup is an immediate miss and no
+  write is planned, until a background ``PING`` succeeds (tried after 0.5 s, then at doubling
+  intervals up to 30 s). One warning when the tier goes down, one when it is back; never a
+  permanent disable. A freshly asked question may be waited for a few milliseconds
+  (:data:`ANSWER_WAIT_S`), which a store on the same machine or network answers within, so a
+  remote hit usually costs no extra scheduler step;
+* **allowed to be stale**: answers are kept until they were used and are :data:`ANSWER_TTL_S`
+  old, then asked again (so chunks other engines store become visible); a chunk the store evicted
+  meanwhile is a miss at read time, which the planner reports back through :meth:`forget`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lmcache_connector.tiers.base import PENDING, Catalog, StoredChunk, _Pending
+from lmcache_connector.tiers.remote.redis_client import (
+    SIDE_KEY_MARK,
+    RedisClient,
+    RemoteError,
+    side_key,
+    value_key,
+)
+from lmcache_connector.tiers.remote.value import decode_block_entry
+
+logger = logging.getLogger("lmcache_connector")
+
+ENTRY_RANK = "tp0pp0"  # the rank whose writer adds the block entries (one set per chunk is enough)
+ANSWER_TTL_S = 5.0  # a used answer is asked again after this long
+ANSWER_MAX_AGE_S = 60.0  # an answer nobody used is dropped after this long
+ANSWER_WAIT_S = 0.003  # the longest a lookup waits for an answer it just asked for
+PROBE_FIRST_S = 0.5
+PROBE_MAX_S = 30.0
+USAGE_INTERVAL_S = 5.0
+
+
+@dataclass
+class _Answer:
+    chunk: StoredChunk | None  # the chunk holding this block boundary, or None: the store has none
+    at: float
+    used: bool = False
+
+
+class RemoteCatalog(Catalog):
+    name = "remote"
+    hit_source = "external_unspecified"
+    asynchronous = True  # every fill is a network read
+    learns_by_asking = True
+    order = 30
+
+    def __init__(
+        self,
+        client: RedisClient,
+        namespace_hex: str,
+        rank_tags: Sequence[str],
+        lookup_timeout_s: float,
+        ttl_secs: int | None = None,
+        start_up: bool = True,
+    ):
+        self.client = client
+        self.namespace_hex = namespace_hex
+        self.rank_tags = list(rank_tags)
+        self.lookup_timeout_s = lookup_timeout_s
+        self.ttl_secs = ttl_secs
+        self._prefix = client.options.key_prefix
+        self._answers: dict[bytes, _Answer] = {}
+        self._asked: dict[bytes, float] = {}  # block fingerprint -> deadline of its question
+        self._chunks: dict[bytes, StoredChunk] = {}  # chunks known to be held, by key
+        self._up = start_up
+        self._used_bytes = 0
+        self._max_bytes = 0
+        self._counts: dict[str, float] = {}
+        self._next_expiry = 0.0
+        # Scheduler thread -> background thread: questions, and work that must not wait on the network.
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        # Background thread -> scheduler thread, applied in poll().
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._answered = threading.Event()
+        self._down = threading.Event()  # the scheduler side marked the tier down: probe before asking again
+        if not start_up:
+            self._down.set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmcache-remote-catalog", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ scheduler-thread API
+
+    def poll(self) -> None:
+        while True:
+            try:
+                kind, *payload = self._results.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "answers":
+                self._apply(payload[0])
+            elif kind == "down":
+                self._mark_down(payload[0])
+            elif kind == "up":
+                self._mark_up()
+            elif kind == "usage":
+                self._used_bytes, self._max_bytes = payload
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._expire(now)
+            self._next_expiry = now + 1.0
+
+    def prefetch(self, block_fps: Sequence[bytes], blocks_per_chunk: int) -> None:
+        if not self._up:
+            return
+        questions = [
+            tuple(block_fps[start : start + blocks_per_chunk]) for start in range(0, len(block_fps), blocks_per_chunk)
+        ]
+        if self._ask([q for q in questions if any(fp not in self._answers for fp in q)]):
+            self._wait_briefly()
+
+    def best_piece(self, block_fps: Sequence[bytes]) -> tuple[StoredChunk, int] | _Pending | None:
+        if not self._up or not block_fps:
+            return None
+        whole = self._answers.get(block_fps[-1])
+        if whole is not None and whole.chunk is not None:
+            whole.used = True
+            return whole.chunk, len(block_fps)
+        unknown = [fp for fp in block_fps if fp not in self._answers]
+        if unknown:
+            if self._ask([tuple(block_fps)]):
+                self._wait_briefly()
+                self.poll()
+                unknown = [fp for fp in block_fps if fp not in self._answers]
+        if unknown:
+            if time.monotonic() > min(self._asked[fp] for fp in unknown):
+                self._counts["remote_failures"] = self._counts.get("remote_failures", 0) + 1
+                self._mark_down(f"no answer to a lookup within {self.lookup_timeout_s * 1000:.0f} ms")
+                return None
+            return PENDING
+        best = None
+        for n in range(len(block_fps), 0, -1):
+            answer = self._answers[block_fps[n - 1]]
+            answer.used = True
+            if best is None and answer.chunk is not None:
+                best = (answer.chunk, n)
+        return best
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._chunks
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def touch(self, key: bytes) -> None:
+        # Reads refresh the values' TTL (GETEX); the block entries need theirs refreshed too.
+        chunk = self._chunks.get(key)
+        if self.ttl_secs and chunk is not None:
+            self._work.put(("expire", [self._entry_key(fp) for fp in chunk.block_fps]))
+
+    def accepts_writes(self) -> bool:
+        return self._up
+
+    def up(self) -> bool:
+        return self._up
+
+    def stored(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int) -> None:
+        chunk = StoredChunk(key, tuple(block_fps))
+        self._chunks[key] = chunk
+        now = time.monotonic()
+        for fp in chunk.block_fps:
+            self._answers[fp] = _Answer(chunk, now)
+
+    def forget(self, key: bytes) -> None:
+        chunk = self._chunks.pop(key, None)
+        if chunk is None:
+            return
+        now = time.monotonic()
+        for fp in chunk.block_fps:
+            answer = self._answers.get(fp)
+            if answer is not None and answer.chunk is not None and answer.chunk.key == key:
+                self._answers[fp] = _Answer(None, now)  # gone: not asked again until this answer expires
+
+    def discard(self, key: bytes) -> None:
+        self.forget(key)
+        self._work.put(("delete", [self._value_key(tag, key) for tag in self.rank_tags]))
+
+    def clear(self, in_flight: Sequence[bytes] = ()) -> None:
+        self._chunks.clear()
+        self._answers.clear()
+        self._asked.clear()
+        ns16 = self.namespace_hex[:16]
+        self._work.put(("clear", [f"{self._prefix}{ns16}-*", f"{self._prefix}{SIDE_KEY_MARK}{ns16}-*"]))
+
+    def usage(self) -> int:
+        return self._used_bytes
+
+    def capacity(self) -> int:
+        return self._max_bytes
+
+    def take_counts(self) -> dict[str, float]:
+        counts, self._counts = self._counts, {}
+        return counts
+
+    def close(self) -> None:
+        self._stop.set()
+        self._work.put(("stop",))
+        self._thread.join(timeout=5)
+        self.client.close()
+
+    # ------------------------------------------------------------ scheduler-thread pieces
+
+    def _ask(self, questions: list[tuple[bytes, ...]]) -> bool:
+        """Send the questions not already in flight; whether anything was sent."""
+        deadline = time.monotonic() + self.lookup_timeout_s
+        fresh = [q for q in questions if any(fp not in self._asked and fp not in self._answers for fp in q)]
+        for question in fresh:
+            for fp in question:
+                if fp not in self._answers:
+                    self._asked.setdefault(fp, deadline)
+        if fresh:
+            self._answered.clear()
+            self._work.put(("ask", fresh))
+        return bool(fresh)
+
+    def _wait_briefly(self) -> None:
+        if self._answered.wait(min(ANSWER_WAIT_S, self.lookup_timeout_s)):
+            self.poll()
+
+    def _apply(self, answers: dict[bytes, StoredChunk | None]) -> None:
+        now = time.monotonic()
+        for fp, chunk in answers.items():
+            self._asked.pop(fp, None)
+            if chunk is not None:
+                chunk = self._chunks.setdefault(chunk.key, chunk)
+            self._answers[fp] = _Answer(chunk, now)
+
+    def _expire(self, now: float) -> None:
+        stale = [
+            fp
+            for fp, a in self._answers.items()
+            if (a.used and now - a.at > ANSWER_TTL_S) or now - a.at > ANSWER_MAX_AGE_S
+        ]
+        for fp in stale:
+            del self._answers[fp]
+        held = {a.chunk.key for a in self._answers.values() if a.chunk is not None}
+        for key in [k for k in self._chunks if k not in held]:
+            del self._chunks[key]
+        for fp in [fp for fp, deadline in self._asked.items() if now - deadline > ANSWER_MAX_AGE_S]:
+            del self._asked[fp]  # a question the store never answered (it went down meanwhile)
+
+    def _mark_down(self, reason: str) -> None:
+        if self._up:
+            logger.warning(
+                "lmcache_connector: the remote tier %s is down (%s); serving from the other tiers and "
+                "retrying in the background",
+                self.client.url,
+                reason,
+            )
+        self._up = False
+        self._asked.clear()
+        self._down.set()
+
+    def _mark_up(self) -> None:
+        if not self._up:
+            logger.warning("lmcache_connector: the remote tier %s is back", self.client.url)
+        self._up = True
+
+    def _value_key(self, tag: str, key: bytes) -> str:
+        return value_key(self._prefix, self.namespace_hex, tag, key.hex())
+
+    def _entry_key(self, fp: bytes) -> str:
+        return side_key(self._prefix, self.namespace_hex, ENTRY_RANK, fp.hex())
+
+    # ------------------------------------------------------------ background thread
+
+    def _run(self) -> None:
+        probe_wait = PROBE_FIRST_S
+        next_usage = 0.0
+        while not self._stop.is_set():
+            if self._down.is_set():
+                if self._stop.wait(probe_wait):
+                    return
+                try:
+                    self.client.ping()
+                except RemoteError:
+                    probe_wait = min(probe_wait * 2, PROBE_MAX_S)
+                    continue
+                probe_wait = PROBE_FIRST_S
+                self._down.clear()
+                self._drain_questions()  # asked before the outage: their deadlines are long past
+                self._results.put(("up",))
+                continue
+            try:
+                item = self._work.get(timeout=0.5)
+            except queue.Empty:
+                item = None
+            try:
+                if item is not None:
+                    self._handle(item)
+                if time.monotonic() >= next_usage:
+                    next_usage = time.monotonic() + USAGE_INTERVAL_S
+                    self._results.put(("usage", *self.client.memory()))
+            except RemoteError as exc:
+                self._down.set()
+                self._results.put(("down", str(exc)))
+            except Exception:  # a bug here must not kill the thread: the tier would never answer again
+                logger.exception("lmcache_connector: the remote catalog's background work failed")
+
+    def _drain_questions(self) -> None:
+        kept = []
+        while True:
+            try:
+                item = self._work.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] != "ask":
+                kept.append(item)
+        for item in kept:
+            self._work.put(item)
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "ask":
+            questions = list(item[1])
+            while True:  # answer everything asked so far in one batch
+                try:
+                    more = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if more[0] == "ask":
+                    questions.extend(more[1])
+                else:
+                    self._handle(more)
+            self._results.put(("answers", self._resolve(questions)))
+            self._answered.set()
+        elif kind == "expire":
+            self.client.expire_many(item[1], self.ttl_secs)
+        elif kind == "delete":
+            self.client.delete_many(item[1])
+        elif kind == "clear":
+            for pattern in item[1]:
+                self.client.delete_matching(pattern)
+
+    def _resolve(self, questions: list[tuple[bytes, ...]]) -> dict[bytes, StoredChunk | None]:
+        """The chunk holding each asked block boundary (every rank's value present), or None."""
+        position: dict[bytes, int] = {}  # block fingerprint -> its index inside its chunk
+        for question in questions:
+            for i, fp in enumerate(question):
+                position.setdefault(fp, i)
+        fps = list(position)
+        entries = self.client.resolve_side_keys([self._entry_key(fp) for fp in fps])
+        named: dict[bytes, StoredChunk | None] = {}
+        for fp, raw in zip(fps, entries, strict=True):
+            decoded = decode_block_entry(raw) if raw is not None else None
+            i = position[fp]
+            if decoded is None or len(decoded[1]) <= i or decoded[1][i] != fp.hex():
+                named[fp] = None  # no entry, or one that does not describe this boundary
+                continue
+            key, block_fps = decoded
+            named[fp] = StoredChunk(bytes.fromhex(key), tuple(bytes.fromhex(b) for b in block_fps))
+        candidates = list({chunk.key: chunk for chunk in named.values() if chunk is not None}.values())
+        keys = [self._value_key(tag, chunk.key) for chunk in candidates for tag in self.rank_tags]
+        exists = self.client.exists_many(keys)
+        ranks = len(self.rank_tags)
+        held = {
+            chunk.key: chunk
+            for i, chunk in enumerate(candidates)
+            if all(exists[i * ranks : (i + 1) * ranks])  # a hit needs every rank's shard
+        }
+        return {fp: (held.get(chunk.key) if chunk is not None else None) for fp, chunk in named.items()}

@@ -1,0 +1,75 @@
+"""The remote tier behind the tier contract: a Redis store shared by many engines.
+
+Enabled by a Redis form of ``LMCACHE_REMOTE_URL`` (``redis://``, ``rediss://``, ``unix://``,
+``redis-sentinel://``, ``redis-cluster://``); the other forms (``s3://``, ``lm://``) are not served
+by this medium. The scheduler builds a :class:`~.catalog.RemoteCatalog`, each worker rank a
+:class:`~.store.RemoteStore`, each with its own connections.
+
+At start the scheduler side checks the store once: credentials the store refuses, or a missing
+``redis`` package, stop the engine with a message naming the setting or the extra to install (a
+tier the operator configured must not silently vanish); a store that does not answer is only a
+warning: the tier starts *down* and comes up when a background probe reaches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from lmcache_connector.keys import rank_tag
+from lmcache_connector.tiers.base import Catalog, Medium, Store
+from lmcache_connector.tiers.remote.catalog import RemoteCatalog
+from lmcache_connector.tiers.remote.redis_client import (
+    RedisOptions,
+    RemoteAuthError,
+    RemoteUnavailableError,
+    connect_redis,
+)
+from lmcache_connector.tiers.remote.store import RemoteStore
+
+logger = logging.getLogger("lmcache_connector")
+
+LOOKUP_SOCKET_TIMEOUT_S = 2.0  # the catalog's calls; a lookup's own deadline is far shorter
+
+
+class RemoteMedium(Medium):
+    name = "remote"
+
+    def catalog(self, config, geometry) -> Catalog | None:
+        url = config.parsed_remote_url
+        if url is None or url.kind != "redis":
+            return None
+        options = RedisOptions.from_config(config)
+        timeout = min(options.socket_timeout_secs, LOOKUP_SOCKET_TIMEOUT_S)
+        client = connect_redis(url, dataclasses.replace(options, socket_timeout_secs=timeout))
+        up = True
+        try:
+            client.ping()
+        except RemoteAuthError as exc:
+            client.close()
+            raise ValueError(f"the remote tier cannot start: {exc}") from None
+        except RemoteUnavailableError as exc:
+            logger.warning(
+                "lmcache_connector: the remote tier %s does not answer (%s); starting without it and "
+                "retrying in the background",
+                url,
+                exc,
+            )
+            up = False
+        ns = geometry.namespace
+        ranks = [rank_tag(tp, pp) for tp in range(ns.tp_size) for pp in range(ns.pp_size)]
+        return RemoteCatalog(
+            client,
+            ns.digest().hex(),
+            ranks,
+            lookup_timeout_s=config.remote_lookup_timeout_ms / 1000,
+            ttl_secs=config.remote_ttl_secs,
+            start_up=up,
+        )
+
+    def store(self, config, geometry, rank: str, chunk_shape) -> Store | None:
+        url = config.parsed_remote_url
+        if url is None or url.kind != "redis":
+            return None
+        client = connect_redis(url, RedisOptions.from_config(config))
+        return RemoteStore(client, geometry.namespace.digest().hex(), rank, chunk_shape)
