@@ -576,6 +576,9 @@ def describe(config: LMCacheConfig) -> str:
         tiers.append(f"memory {config.max_local_cpu_size:g} GB")
     if config.local_disk:
         tiers.append(f"disk {config.local_disk} {config.max_local_disk_size:g} GB")
+    if config.remote_url and config.parsed_remote_url.kind == "redis":
+        ttl = f"TTL {config.remote_ttl_secs} s" if config.remote_ttl_secs else "no TTL"
+        tiers.append(f"remote {redacted_url(config.remote_url)} ({ttl})")
     return (
         f"tiers: {', '.join(tiers) or 'none'}; chunk_size={config.chunk_size}; "
         f"save_unfull_chunk={config.save_unfull_chunk}; load_failure_policy={config.load_failure_policy}"

@@ -318,3 +318,35 @@ def test_disk_commands_default_to_the_configured_folder_and_name_a_missing_one(c
 
 def test_the_console_script_is_installed():
     assert shutil.which("lmcache-connector", path=str(SCRIPT.parent)) == str(SCRIPT)
+
+
+# ---------------------------------------------------------------- config --check-remote
+
+
+def test_check_remote_passes_a_reachable_store_and_fails_an_unreachable_one(tmp_path):
+    import redis_servers as rs
+
+    secret = "s3cret-pass"
+    (tmp_path / "password").write_text(secret + "\n")
+    with rs.redis_server(tmp_path / "redis", password=secret) as server:
+        env = {"LMCACHE_REMOTE_URL": f"redis://127.0.0.1:{server.port}"}
+        good = run("config", "--check-remote", env={**env, "LMCACHE_REMOTE_PASSWORD_FILE": str(tmp_path / "password")})
+        assert good.returncode == 0, good.stderr
+        assert "remote tier (LMCACHE_REMOTE_URL) redis://127.0.0.1" in good.stdout and "answers" in good.stdout
+
+        (tmp_path / "wrong").write_text("not-it")
+        refused = run("config", "--check-remote", env={**env, "LMCACHE_REMOTE_PASSWORD_FILE": str(tmp_path / "wrong")})
+        assert refused.returncode == 1
+        assert "LMCACHE_REMOTE_PASSWORD_FILE" in refused.stderr
+
+        port = server.port
+    gone = run("config", "--check-remote", "--json", env={"LMCACHE_REMOTE_URL": f"redis://:{secret}@127.0.0.1:{port}"})
+    assert gone.returncode == 1
+    report = json.loads(gone.stdout)
+    assert report["valid"] and not report["stores"][0]["reachable"]
+    assert secret not in gone.stdout + gone.stderr  # the password in the URL is never shown
+
+
+def test_without_check_remote_the_store_is_not_contacted():
+    result = run("config", env={"LMCACHE_REMOTE_URL": "redis://127.0.0.1:1"})
+    assert result.returncode == 0 and "check-remote" not in result.stdout + result.stderr

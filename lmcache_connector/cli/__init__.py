@@ -2,12 +2,14 @@
 
 * ``config`` prints the configuration an engine started here would use (defaults, the file named by
   ``LMCACHE_CONFIG_FILE``, ``LMCACHE_*`` variables) and fails on any invalid setting, so a Helm init
-  container or a CI job can check a deployment before it starts;
+  container or a CI job can check a deployment before it starts; ``--check-remote`` also pings the
+  remote store and the P2P lookup registry;
 * ``disk stats|verify|clear`` inspect and clean a disk-tier folder offline (:mod:`lmcache_connector.tiers.disk.folder`).
 
 It works without vLLM, torch or a GPU: it imports only the configuration loader and the disk
-tier's file format (and its lock-file name). Exit codes: 0 all good; 1 a check found a problem
-(damaged chunk files left in place, a removal refused or failed); 2 invalid configuration or
+tier's file format (and its lock-file name; the Redis client only for ``--check-remote``). Exit
+codes: 0 all good; 1 a check found a problem (damaged chunk files left in place, a removal refused
+or failed, a remote store unreachable); 2 invalid configuration or
 command line (bad setting, missing folder, ``--yes`` needed).
 """
 
@@ -37,7 +39,8 @@ OK, FOUND_PROBLEMS, INVALID = 0, 1, 2
 
 EXIT_CODES = """exit codes:
   0  all good
-  1  a check found a problem: damaged chunk files left in place, a removal declined or failed
+  1  a check found a problem: damaged chunk files left in place, a removal declined or failed,
+     a remote store that does not answer (--check-remote)
   2  invalid configuration or command line: a bad setting, a missing folder, --yes needed"""
 
 
@@ -126,12 +129,17 @@ def cmd_config(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             problems = exc.problems
 
+    checks = _check_stores(config) if args.check_remote and not problems else []
+    unreachable = [line for ok, line in checks if not ok]
+
     if args.json:
         report: dict[str, Any] = {"valid": not problems, "problems": problems, "warnings": warnings}
         if not problems:
             report.update(config=config.redacted_dict(), sources=_sources(env, extra), summary=describe(config))
+        if args.check_remote:
+            report["stores"] = [{"reachable": ok, "message": line} for ok, line in checks]
         print(json.dumps(report, indent=2))
-        return INVALID if problems else OK
+        return INVALID if problems else FOUND_PROBLEMS if unreachable else OK
 
     for message in warnings:
         print(f"warning: {message}", file=sys.stderr)
@@ -150,7 +158,41 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(describe(config))
     for tier in config.unavailable_tiers():
         print(f"note: {tier} is not available in this version; an engine runs without it")
-    return OK
+    for ok, line in checks:
+        print(line, file=sys.stdout if ok else sys.stderr)
+    return FOUND_PROBLEMS if unreachable else OK
+
+
+def _check_stores(config) -> list[tuple[bool, str]]:
+    """``--check-remote``: ping the remote store and the P2P lookup registry (Redis) once each.
+    ``(reachable, line)`` per store; the lines never show a password."""
+    from lmcache_connector.tiers.remote.redis_client import RedisOptions, RemoteError, connect_redis
+
+    stores = []
+    if config.remote_url:
+        stores.append(("remote tier (LMCACHE_REMOTE_URL)", config.parsed_remote_url))
+    if config.enable_p2p and config.lookup_url:
+        stores.append(("P2P lookup registry (LMCACHE_LOOKUP_URL)", config.parsed_lookup_url))
+    if not stores:
+        return [(True, "check-remote: no remote store or lookup registry is configured")]
+    results = []
+    for what, url in stores:
+        if url.kind != "redis":
+            results.append((True, f"check-remote: {what} {url}: not checked (not served in this version)"))
+            continue
+        try:
+            client = connect_redis(url, RedisOptions.from_config(config))
+            try:
+                client.ping()
+                used, bound = client.memory()
+            finally:
+                client.close()
+        except (RemoteError, ImportError, ValueError) as exc:
+            results.append((False, f"check-remote: {what} {url} is not usable: {exc}"))
+            continue
+        room = f"{_human(used)} used of {_human(bound)}" if bound else f"{_human(used)} used, no maxmemory"
+        results.append((True, f"check-remote: {what} {url} answers ({room})"))
+    return results
 
 
 def _extra_config(raw: str | None) -> dict[str, Any]:
@@ -334,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_argument(
         "--block-size", type=int, metavar="N", help="vLLM's --block-size, to check that the chunk size is a multiple"
+    )
+    config.add_argument(
+        "--check-remote",
+        action="store_true",
+        help="also connect to the remote store and the P2P lookup registry; exit 1 when one is unreachable "
+        "or refuses the credentials (for an init container)",
     )
     config.set_defaults(run=cmd_config)
 
