@@ -33,7 +33,13 @@ from typing import Any
 
 import torch
 from sim_faults import Faults, install_hooks
-from sim_internals import connector_state, settle_background_fills, settle_disk, synchronous_disk_recency
+from sim_internals import (
+    connector_state,
+    settle_background_fills,
+    settle_disk,
+    settle_remote,
+    synchronous_disk_recency,
+)
 from sim_model import KVModel, RankKV, Scheduled, Trace, embedding_input, forward, token_from_digest, token_inputs
 from sim_setup import SimConfig, build_configs, build_scheduler, build_worker, clear_lmcache_env
 
@@ -209,11 +215,12 @@ class Sim:
         self.step_seconds += time.perf_counter() - started
 
     def _settle_disk_writers(self) -> None:
-        """Between steps the disk is quiet: every queued write is done (what faults do to files
-        then, and what the next step reads, is the same on every run)."""
+        """Between steps the secondary tiers are quiet: every queued write is done (what faults do
+        to files then, and what the next step reads, is the same on every run)."""
         for rank, worker in enumerate(self.workers):
             if rank not in self.faults.write_gates:  # a writer held on purpose stays behind
                 settle_disk(worker)
+                settle_remote(worker)
         self._raise_async_violations()
 
     def _event(self, req_id: str, what: str) -> None:

@@ -41,6 +41,13 @@ def settle_disk(connector: Any, timeout: float = 10.0) -> None:
         raise AssertionError(f"the disk writer was still busy after {timeout} s")
 
 
+def settle_remote(connector: Any, timeout: float = 10.0) -> None:
+    """Wait until the worker's remote-tier writer has nothing queued."""
+    store = connector.executor.stores.get("remote")
+    if store is not None and not store.flush(timeout):
+        raise AssertionError(f"the remote writer was still busy after {timeout} s")
+
+
 def scheduler_half(connector: Any) -> Any:
     """The object whose methods the SCHEDULER-role connector delegates to (for injecting failures)."""
     return connector.planner
