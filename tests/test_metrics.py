@@ -190,10 +190,13 @@ def test_every_documented_counter_reaches_a_series(kv_transfer_config):
         "remote_failures": "lmcache_connector_remote_failures_total",
         "usage_bytes.disk": "lmcache_connector_usage_bytes",
         "capacity_bytes.disk": "lmcache_connector_capacity_bytes",
+        "dropped_writes.remote": "lmcache_connector_dropped_writes_total",
+        "bad_values.remote": "lmcache_connector_bad_values_total",
+        "tier_up.remote": "lmcache_connector_tier_up",
     }
     prom.observe({key: 7 for key in contract})
     for key, name in contract.items():
-        labels = {"tier": "disk"} if "." in key else {}
+        labels = {"tier": key.partition(".")[2]} if "." in key else {}
         assert value(registry, name, **labels) == 7, key
     assert value(registry, "lmcache_connector_hit_rate") == 1.0
 
