@@ -639,5 +639,5 @@ class Planner:
             "totals": copy.deepcopy(vars(self.totals)),
             "disk_chunks": len(self.disk) if self.disk is not None else None,
             "disk_writes_enabled": self.disk is not None and self.disk.accepts_writes(),
-            "tiers": {c.name: {"chunks": len(c), "usage_bytes": c.usage()} for c in self.secondaries},
+            "tiers": {c.name: {"chunks": len(c), "usage_bytes": c.usage(), "up": c.up()} for c in self.secondaries},
         }
