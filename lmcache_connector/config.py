@@ -52,6 +52,7 @@ GB = 1024**3
 
 # Settings whose values may carry a password (user:password@host): shown through redacted_url().
 URL_SETTINGS = ("remote_url", "lookup_url", "distributed_url")
+SERVED_REMOTE_KINDS = ("redis",)  # LMCACHE_REMOTE_URL kinds with a client (tiers/remote/client.py)
 
 
 class ConfigError(ValueError):
@@ -133,7 +134,7 @@ class LMCacheConfig:
     def unavailable_tiers(self) -> list[str]:
         """Settings that name a tier this version cannot serve yet (logged once at start)."""
         tiers = []
-        if self.remote_url and self.parsed_remote_url.kind != "redis":
+        if self.remote_url and self.parsed_remote_url.kind not in SERVED_REMOTE_KINDS:
             tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)}; Redis URLs are served)")
         if self.enable_p2p:
             tiers.append("peer-to-peer sharing (LMCACHE_ENABLE_P2P)")
@@ -576,7 +577,7 @@ def describe(config: LMCacheConfig) -> str:
         tiers.append(f"memory {config.max_local_cpu_size:g} GB")
     if config.local_disk:
         tiers.append(f"disk {config.local_disk} {config.max_local_disk_size:g} GB")
-    if config.remote_url and config.parsed_remote_url.kind == "redis":
+    if config.remote_url and config.parsed_remote_url.kind in SERVED_REMOTE_KINDS:
         ttl = f"TTL {config.remote_ttl_secs} s" if config.remote_ttl_secs else "no TTL"
         tiers.append(f"remote {redacted_url(config.remote_url)} ({ttl})")
     return (

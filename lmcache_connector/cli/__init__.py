@@ -166,7 +166,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _check_stores(config) -> list[tuple[bool, str]]:
     """``--check-remote``: ping the remote store and the P2P lookup registry (Redis) once each.
     ``(reachable, line)`` per store; the lines never show a password."""
-    from lmcache_connector.tiers.remote.redis_client import RedisOptions, RemoteError, connect_redis
+    from lmcache_connector.tiers.remote.client import RemoteError, connect_remote, served
 
     stores = []
     if config.remote_url:
@@ -177,11 +177,11 @@ def _check_stores(config) -> list[tuple[bool, str]]:
         return [(True, "check-remote: no remote store or lookup registry is configured")]
     results = []
     for what, url in stores:
-        if url.kind != "redis":
+        if not served(url):
             results.append((True, f"check-remote: {what} {url}: not checked (not served in this version)"))
             continue
         try:
-            client = connect_redis(url, RedisOptions.from_config(config))
+            client = connect_remote(url, config)
             try:
                 client.ping()
                 used, bound = client.memory()

@@ -36,13 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmcache_connector.tiers.base import PENDING, Catalog, StoredChunk, _Pending
-from lmcache_connector.tiers.remote.redis_client import (
-    SIDE_KEY_MARK,
-    RedisClient,
-    RemoteError,
-    side_key,
-    value_key,
-)
+from lmcache_connector.tiers.remote.client import SIDE_KEY_MARK, RemoteClient, RemoteError, side_key, value_key
 from lmcache_connector.tiers.remote.value import decode_block_entry
 
 logger = logging.getLogger("lmcache_connector")
@@ -72,7 +66,7 @@ class RemoteCatalog(Catalog):
 
     def __init__(
         self,
-        client: RedisClient,
+        client: RemoteClient,
         namespace_hex: str,
         rank_tags: Sequence[str],
         lookup_timeout_s: float,
@@ -84,7 +78,7 @@ class RemoteCatalog(Catalog):
         self.rank_tags = list(rank_tags)
         self.lookup_timeout_s = lookup_timeout_s
         self.ttl_secs = ttl_secs
-        self._prefix = client.options.key_prefix
+        self._prefix = client.key_prefix
         self._answers: dict[bytes, _Answer] = {}
         self._asked: dict[bytes, float] = {}  # block fingerprint -> deadline of its question
         self._chunks: dict[bytes, StoredChunk] = {}  # chunks known to be held, by key

@@ -1,8 +1,8 @@
-"""The remote tier behind the tier contract: a Redis store shared by many engines.
+"""The remote tier behind the tier contract: a key-value store (Redis) shared by many engines.
 
-Enabled by a Redis form of ``LMCACHE_REMOTE_URL`` (``redis://``, ``rediss://``, ``unix://``,
-``redis-sentinel://``, ``redis-cluster://``); the other forms (``s3://``, ``lm://``) are not served
-by this medium. The scheduler builds a :class:`~.catalog.RemoteCatalog`, each worker rank a
+Enabled by a form of ``LMCACHE_REMOTE_URL`` that has a client (:func:`~.client.served`: the Redis
+forms ``redis://``, ``rediss://``, ``unix://``, ``redis-sentinel://``, ``redis-cluster://``). The
+scheduler builds a :class:`~.catalog.RemoteCatalog`, each worker rank a
 :class:`~.store.RemoteStore`, each with its own connections.
 
 At start the scheduler side checks the store once: credentials the store refuses, or a missing
@@ -13,18 +13,12 @@ warning: the tier starts *down* and comes up when a background probe reaches it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from lmcache_connector.keys import rank_tag
 from lmcache_connector.tiers.base import Catalog, Medium, Store
 from lmcache_connector.tiers.remote.catalog import RemoteCatalog
-from lmcache_connector.tiers.remote.redis_client import (
-    RedisOptions,
-    RemoteAuthError,
-    RemoteUnavailableError,
-    connect_redis,
-)
+from lmcache_connector.tiers.remote.client import RemoteAuthError, RemoteUnavailableError, connect_remote, served
 from lmcache_connector.tiers.remote.store import RemoteStore
 
 logger = logging.getLogger("lmcache_connector")
@@ -37,11 +31,10 @@ class RemoteMedium(Medium):
 
     def catalog(self, config, geometry) -> Catalog | None:
         url = config.parsed_remote_url
-        if url is None or url.kind != "redis":
+        if not served(url):
             return None
-        options = RedisOptions.from_config(config)
-        timeout = min(options.socket_timeout_secs, LOOKUP_SOCKET_TIMEOUT_S)
-        client = connect_redis(url, dataclasses.replace(options, socket_timeout_secs=timeout))
+        timeout = min(config.blocking_timeout_secs, LOOKUP_SOCKET_TIMEOUT_S)
+        client = connect_remote(url, config, socket_timeout_secs=timeout)
         up = True
         try:
             client.ping()
@@ -69,7 +62,6 @@ class RemoteMedium(Medium):
 
     def store(self, config, geometry, rank: str, chunk_shape) -> Store | None:
         url = config.parsed_remote_url
-        if url is None or url.kind != "redis":
+        if not served(url):
             return None
-        client = connect_redis(url, RedisOptions.from_config(config))
-        return RemoteStore(client, geometry.namespace.digest().hex(), rank, chunk_shape)
+        return RemoteStore(connect_remote(url, config), geometry.namespace.digest().hex(), rank, chunk_shape)

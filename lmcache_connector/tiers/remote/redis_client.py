@@ -15,7 +15,7 @@ settings):
 Operations, each one or a few round trips, none waiting longer than the socket timeout:
 
   exists_many(keys)                  which keys exist (a pipeline of EXISTS; per node on a cluster)
-  put(value_key, value, side_keys)   the value and the block entries pointing to it, one pipeline,
+  put(key, value, side_keys)         the value and the block entries pointing to it, one pipeline,
                                      each with the same TTL when one is set
   get(key)                           the value or None; a hit refreshes the TTL (GETEX)
   resolve_side_keys(keys)            what each block entry holds (the chunk it points to), or None (MGET)
@@ -42,7 +42,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from lmcache_connector.keys import storage_name
+from lmcache_connector.tiers.remote.client import (  # noqa: F401 (the contract's errors and keys, re-exported)
+    SIDE_KEY_MARK,
+    RemoteAuthError,
+    RemoteError,
+    RemoteUnavailableError,
+    side_key,
+    value_key,
+)
 from lmcache_connector.urls import RemoteUrl
 
 if TYPE_CHECKING:
@@ -51,25 +58,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("lmcache_connector")
 
 INSTALL_HINT = "pip install 'lmcache-connector[redis]'"
-SIDE_KEY_MARK = "b:"  # block entries: lmc:b:<namespace16>-<rank>-<block fingerprint>
 
 _T = TypeVar("_T")
 
 
 class RedisNotInstalledError(ImportError):
     """A Redis URL is configured but redis-py is not installed."""
-
-
-class RemoteError(Exception):
-    """A remote-store operation failed."""
-
-
-class RemoteUnavailableError(RemoteError):
-    """The store did not answer in time, refused the connection, or dropped it: down for now."""
-
-
-class RemoteAuthError(RemoteError):
-    """The store refused the credentials, or they could not be read: fix the setting the message names."""
 
 
 @dataclass(frozen=True)
@@ -110,19 +104,6 @@ class RedisOptions:
         )
 
 
-def value_key(prefix: str, namespace_hex: str, rank: str, key_hex: str) -> str:
-    """The Redis key of one rank's copy of a chunk."""
-    return prefix + storage_name(namespace_hex, rank, key_hex)
-
-
-def side_key(prefix: str, namespace_hex: str, rank: str, block_fp_hex: str) -> str:
-    """The Redis key of a block boundary inside a chunk; its value is the chunk's :func:`value_key`.
-
-    Marked apart from value keys: a chunk's key is the fingerprint of its last block, so without the
-    mark the last block's entry would overwrite the chunk's value."""
-    return prefix + SIDE_KEY_MARK + storage_name(namespace_hex, rank, block_fp_hex)
-
-
 def connect_redis(url: RemoteUrl, options: RedisOptions) -> RedisClient:
     """A client for ``url``. Connects lazily: call :meth:`RedisClient.ping` to check the store at start."""
     redis = _import_redis()
@@ -156,13 +137,16 @@ def connect_redis(url: RemoteUrl, options: RedisOptions) -> RedisClient:
 
 
 class RedisClient:
-    """One process's connections to the remote store (thread-safe: redis-py pools its connections)."""
+    """One process's connections to a Redis store: a :class:`~.client.RemoteClient` (thread-safe:
+    redis-py pools its connections)."""
 
     def __init__(self, client: Any, url: RemoteUrl, options: RedisOptions, password_source: str):
         self._client = client
         self._cluster = url.scheme == "redis-cluster"
         self.url = url
         self.options = options
+        self.key_prefix = options.key_prefix
+        self.failures_are_partial = self._cluster  # a dead node costs its own keys only
         self._password_source = password_source
 
     def __repr__(self) -> str:
@@ -178,10 +162,6 @@ class RedisClient:
             else:
                 self._client.ping()
 
-    @property
-    def cluster(self) -> bool:
-        return self._cluster
-
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         """Whether each key exists, in one round trip (per node on a cluster: a key on a node that
         does not answer counts as absent, unless no node answers)."""
@@ -192,7 +172,7 @@ class RedisClient:
 
     def put(
         self,
-        value_key: str,
+        key: str,
         value: bytes | memoryview,
         side_keys: Sequence[str] = (),
         ttl: int | None = None,
@@ -206,12 +186,12 @@ class RedisClient:
         written. ``ttl`` (seconds) applies to every key; ``None``: the option's TTL.
         """
         ttl = self.options.ttl_secs if ttl is None else ttl
-        entry = value_key if side_value is None else side_value
+        entry = key if side_value is None else side_value
         with self._errors("SET"):
             pipe = self._client.pipeline(transaction=False)
-            pipe.set(value_key, value, ex=ttl)
-            for key in side_keys:
-                pipe.set(key, entry, ex=ttl)
+            pipe.set(key, value, ex=ttl)
+            for side in side_keys:
+                pipe.set(side, entry, ex=ttl)
             pipe.execute()
 
     def get(self, key: str) -> bytes | None:

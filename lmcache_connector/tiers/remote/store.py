@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from lmcache_connector.tiers.base import ChunkMiss, Store, WriteResult
 from lmcache_connector.tiers.remote.catalog import ENTRY_RANK
-from lmcache_connector.tiers.remote.redis_client import RedisClient, RemoteError, side_key, value_key
+from lmcache_connector.tiers.remote.client import RemoteClient, RemoteError, side_key, value_key
 from lmcache_connector.tiers.remote.value import (
     RemoteValueError,
     ValueHeader,
@@ -49,7 +49,7 @@ BACKOFF_MAX_S = 30.0
 class RemoteStore(Store):
     def __init__(
         self,
-        client: RedisClient,
+        client: RemoteClient,
         namespace_hex: str,
         rank: str,
         chunk_shape: Callable[[int], tuple[int, int, int]],
@@ -59,7 +59,7 @@ class RemoteStore(Store):
         self.namespace_hex = namespace_hex
         self.rank = rank
         self._chunk_shape = chunk_shape
-        self._prefix = client.options.key_prefix
+        self._prefix = client.key_prefix
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_chunks)
         self._lock = threading.Lock()  # results, counts and the down state: writer, fill and step threads
         self._results: list[WriteResult] = []
@@ -220,7 +220,7 @@ class RemoteStore(Store):
     def _failed(self, exc: RemoteError) -> None:
         with self._lock:
             self._counts["remote_failures"] = self._counts.get("remote_failures", 0) + 1
-            if self.client.cluster:
+            if self.client.failures_are_partial:
                 return  # one node down costs its own keys; the others keep serving (a dead cluster fails fast)
             if self._down_reason is None:
                 logger.warning(
