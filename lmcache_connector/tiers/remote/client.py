@@ -123,4 +123,12 @@ def connect_remote(url: RemoteUrl, config: LMCacheConfig, socket_timeout_secs: f
                 connect_timeout_secs=min(options.connect_timeout_secs, socket_timeout_secs),
             )
         return connect_redis(url, options)
+    if url.kind == "s3" and served(url):
+        from lmcache_connector.tiers.remote.s3_client import connect_s3
+
+        return connect_s3(url, config, socket_timeout_secs)
+    if url.kind == "lm" and served(url):
+        from lmcache_connector.tiers.remote.lm_client import connect_lm
+
+        return connect_lm(url, config, socket_timeout_secs)
     raise ValueError(f"LMCACHE_REMOTE_URL={url}: {url.scheme}:// stores are not served in this version")
