@@ -24,8 +24,12 @@ def bench_engine(
     capped_blocks: int | None = None,
     disk_folder: str | None = None,
     example_folder: str | None = None,
+    env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
 ) -> EngineProcess:
-    """Start one engine; ``capped_blocks`` caps vLLM's KV cache, ``disk_folder`` enables our disk tier."""
+    """Start one engine; ``capped_blocks`` caps vLLM's KV cache, ``disk_folder`` enables our disk tier,
+    ``env`` adds (or overrides) environment variables of the engine process (e.g. ``LMCACHE_*``),
+    ``cpus`` binds the engine to those cores (engines side by side, one core each)."""
     kwargs = {
         "model": str(build_model(BENCH, REPO / ".cache" / "models")),
         "dtype": "bfloat16",
@@ -36,11 +40,11 @@ def bench_engine(
     if capped_blocks:
         kwargs["num_gpu_blocks_override"] = capped_blocks
         kwargs["max_model_len"] = (capped_blocks - 2) * 32
-    env = {"VLLM_CACHE_ROOT": f"{tmp}/vllm", "TMPDIR": tmp, "VLLM_LOGGING_LEVEL": "WARNING"}
+    child_env = {"VLLM_CACHE_ROOT": f"{tmp}/vllm", "TMPDIR": tmp, "VLLM_LOGGING_LEVEL": "WARNING"}
     if kind == "lmcache_connector":
         kwargs["kv_transfer_config"] = {**CONNECTOR, "kv_connector_extra_config": {"chunk_size": 256}}
         if disk_folder:
-            env.update(LMCACHE_LOCAL_DISK=disk_folder, LMCACHE_MAX_LOCAL_DISK_SIZE="4")
+            child_env.update(LMCACHE_LOCAL_DISK=disk_folder, LMCACHE_MAX_LOCAL_DISK_SIZE="4")
     elif kind == "ExampleConnector":
         folder = example_folder or f"{tmp}/example-{time.monotonic_ns()}"
         kwargs["kv_transfer_config"] = {
@@ -48,4 +52,4 @@ def bench_engine(
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"shared_storage_path": folder},
         }
-    return EngineProcess(kwargs, env)
+    return EngineProcess(kwargs, {**child_env, **(env or {})}, cpus=cpus)

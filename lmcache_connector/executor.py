@@ -27,6 +27,8 @@ ranks in one process.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -44,6 +46,8 @@ from lmcache_connector.tiers.memory.pool import MemoryPool
 from lmcache_connector.tiers.memory.prefault import populate_in_background
 
 logger = logging.getLogger("lmcache_connector")
+
+BACKGROUND_FILL_NICE = 5  # below the model thread, not so far that a busy engine starves the fill
 
 
 class Executor:
@@ -69,7 +73,9 @@ class Executor:
         self._filled: dict[int, float] = {}  # slot filled this step -> seconds it took
         self._handled: set[int] = set()  # store/fill ids of the bound step this rank already reported on
         self._write_jobs: dict[int, StoreSpec] = {}  # store id -> store whose writes wait for its bytes
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-fill")
+        self._background = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="lmcache-fill", initializer=_yield_to_serving_threads
+        )
         self._async: dict[str, tuple[AsyncLoad, Future]] = {}  # request id -> its background load
         self.counters = Counters()
 
@@ -403,6 +409,15 @@ class Executor:
             store.close(self.config.disk_flush_timeout_secs)
         if self.pool is not None:
             self.pool.close()  # unregisters pinned pages (CUDA)
+
+
+def _yield_to_serving_threads() -> None:
+    """Background fills run a notch below the model thread (Linux: a thread has its own nice value):
+    on a busy machine the decoding requests go first, while a waiting request's read still advances."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_FILL_NICE)
+    except (OSError, AttributeError):
+        pass
 
 
 def _first_failed(blocks, errors: set[int]) -> int:
