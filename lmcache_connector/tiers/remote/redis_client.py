@@ -189,7 +189,10 @@ class RedisClient:
         entry = key if side_value is None else side_value
         with self._errors("SET"):
             pipe = self._client.pipeline(transaction=False)
-            pipe.set(key, value, ex=ttl)
+            # A memoryview, not bytes: with hiredis installed, redis-py packs a command of bytes
+            # through hiredis, which copies the value (about 3x slower for a 4 MiB chunk); a
+            # memoryview makes it send the buffer as it is.
+            pipe.set(key, memoryview(value), ex=ttl)
             for side in side_keys:
                 pipe.set(side, entry, ex=ttl)
             pipe.execute()
