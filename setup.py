@@ -14,6 +14,8 @@ here = Path(__file__).parent
 # redis-py 5 is the first with GETEX on a cluster and the credential/SSL options the client uses;
 # hiredis parses replies in C (large values arrive several times faster).
 REDIS_EXTRA = ["redis>=5", "hiredis>=2"]
+# boto3 reads the endpoint from AWS_ENDPOINT_URL (the S3 tier's only way to name one) since 1.28.68.
+S3_EXTRA = ["boto3>=1.34"]
 
 version = re.search(r'__version__ = "([^"]+)"', (here / "lmcache_connector" / "_version.py").read_text()).group(1)
 
@@ -33,7 +35,8 @@ setup(
     ],
     extras_require={
         # ruff is pinned: scripts/test.sh fails on any finding, and a new ruff brings new rules.
-        # The remote-tier tests talk to real Redis servers through the [redis] extra's client.
+        # The remote-tier tests talk to real Redis servers through the [redis] extra's client, and to
+        # a real S3 endpoint (moto_server, from moto[server]) through the [s3] extra's.
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -41,10 +44,12 @@ setup(
             "kubernetes-validate==1.37.0",
             "ruff==0.17.6",
             *REDIS_EXTRA,
+            *S3_EXTRA,
+            "moto[server]==5.2.6",
         ],
         "bench": ["pytest-benchmark>=5"],  # benchmarks/micro
         "redis": REDIS_EXTRA,
-        "s3": ["boto3>=1.34"],
+        "s3": S3_EXTRA,
     },
     entry_points={"console_scripts": ["lmcache-connector=lmcache_connector.cli:main"]},
 )

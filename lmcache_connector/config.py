@@ -52,7 +52,7 @@ GB = 1024**3
 
 # Settings whose values may carry a password (user:password@host): shown through redacted_url().
 URL_SETTINGS = ("remote_url", "lookup_url", "distributed_url")
-SERVED_REMOTE_KINDS = ("redis",)  # LMCACHE_REMOTE_URL kinds with a client (tiers/remote/client.py)
+SERVED_REMOTE_KINDS = ("redis", "s3", "lm")  # LMCACHE_REMOTE_URL kinds with a client (tiers/remote/client.py)
 
 
 class ConfigError(ValueError):
@@ -98,6 +98,8 @@ class LMCacheConfig:
     remote_ttl_secs: int | None = None
     remote_lookup_timeout_ms: float = 100.0
     remote_key_prefix: str = "lmc:"
+    # Remote tier (S3): endpoint, region and credentials come from the standard AWS environment.
+    s3_addressing_style: str = "auto"
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -135,7 +137,7 @@ class LMCacheConfig:
         """Settings that name a tier this version cannot serve yet (logged once at start)."""
         tiers = []
         if self.remote_url and self.parsed_remote_url.kind not in SERVED_REMOTE_KINDS:
-            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)}; Redis URLs are served)")
+            tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)})")
         if self.enable_p2p:
             tiers.append("peer-to-peer sharing (LMCACHE_ENABLE_P2P)")
         return tiers
@@ -413,6 +415,11 @@ SETTINGS: dict[str, _Setting] = {
         _parse_milliseconds, "How long a lookup may wait for the remote store before it counts as a miss."
     ),
     "remote_key_prefix": _Setting(_parse_key_prefix, "Prefix of every key this library writes to the remote store."),
+    "s3_addressing_style": _Setting(
+        _choice("auto", "path", "virtual"),
+        "S3 addressing (s3:// only): auto (path-style on a custom AWS_ENDPOINT_URL, virtual-hosted on AWS), "
+        "path or virtual.",
+    ),
 }
 
 
@@ -526,6 +533,8 @@ def _remote_cross_checks(config: LMCacheConfig) -> list[str]:
             "a client certificate needs its key; set both or neither"
         )
     url = config.parsed_remote_url
+    if url is not None:
+        problems.extend(_s3_cross_checks(config, url))
     if url is None or url.kind != "redis":
         return problems
     shown = f"LMCACHE_REMOTE_URL={url.redacted()!r}"
@@ -550,6 +559,33 @@ def _remote_cross_checks(config: LMCacheConfig) -> list[str]:
             f"{config.remote_service_name!r}: keep one"
         )
     return problems
+
+
+# Redis settings that an s3:// store does not use, and what does the same there.
+_NOT_FOR_S3 = {
+    "remote_password_file": "credentials come from the AWS environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, a role)",
+    "remote_sentinel_password_file": "it is for redis-sentinel:// only",
+    "remote_service_name": "it is for redis-sentinel:// only",
+    "remote_tls": "the scheme of AWS_ENDPOINT_URL (https://) decides TLS",
+    "remote_tls_ca_file": "a private CA goes in AWS_CA_BUNDLE",
+    "remote_tls_cert_file": "S3 stores take no client certificate",
+    "remote_tls_key_file": "S3 stores take no client certificate",
+    "remote_ttl_secs": "S3 has no TTL: expire objects with a bucket lifecycle rule on the prefix",
+}
+
+
+def _s3_cross_checks(config: LMCacheConfig, url: RemoteUrl) -> list[str]:
+    """Settings that say something the S3 client would silently ignore."""
+    shown = f"LMCACHE_REMOTE_URL={url.redacted()!r}"
+    if url.kind != "s3":
+        if config.s3_addressing_style != "auto":
+            return [f"LMCACHE_S3_ADDRESSING_STYLE applies to s3:// only, not to {shown}"]
+        return []
+    return [
+        f"{env_name(key)} does not apply to {shown}: {instead}"
+        for key, instead in _NOT_FOR_S3.items()
+        if getattr(config, key)
+    ]
 
 
 def _warn_unknown(name: str, known: list[str], what: str) -> None:

@@ -379,3 +379,39 @@ def test_lmcache_connector_config_shows_password_files_but_never_their_contents(
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err
     assert password_file in out.out  # where the password is, for an operator checking the mount
+
+
+@pytest.mark.parametrize("style", ["auto", "path", "virtual", "PATH"])
+def test_the_s3_addressing_style_is_one_of_three(style):
+    env = {"LMCACHE_REMOTE_URL": "s3://kv-cache/team-a", "LMCACHE_S3_ADDRESSING_STYLE": style}
+    assert load_config(env=env).s3_addressing_style == style.lower()
+    assert load_config(env={}).s3_addressing_style == "auto"
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        (
+            {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_S3_ADDRESSING_STYLE": "dns"},
+            "LMCACHE_S3_ADDRESSING_STYLE='dns': expected one of: auto, path, virtual",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "redis://cache", "LMCACHE_S3_ADDRESSING_STYLE": "path"},
+            "LMCACHE_S3_ADDRESSING_STYLE applies to s3:// only",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_REMOTE_TTL_SECS": "3600"},
+            "LMCACHE_REMOTE_TTL_SECS does not apply to LMCACHE_REMOTE_URL='s3://kv-cache': S3 has no TTL",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_REMOTE_TLS_CA_FILE": "{cert}"},
+            "a private CA goes in AWS_CA_BUNDLE",
+        ),
+    ],
+    ids=["unknown-style", "style-without-s3", "ttl-on-s3", "redis-ca-on-s3"],
+)
+def test_s3_settings_that_would_be_ignored_are_an_error(tmp_path, env, message):
+    cert = _secret_file(tmp_path, "cert.pem", "CERT")
+    with pytest.raises(ConfigError) as err:
+        load_config(env={name: value.replace("{cert}", cert) for name, value in env.items()})
+    assert message in str(err.value)

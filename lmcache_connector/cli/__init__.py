@@ -190,8 +190,8 @@ def _check_stores(config) -> list[tuple[bool, str]]:
         except (RemoteError, ImportError, ValueError) as exc:
             results.append((False, f"check-remote: {what} {url} is not usable: {exc}"))
             continue
-        room = f"{_human(used)} used of {_human(bound)}" if bound else f"{_human(used)} used, no maxmemory"
-        results.append((True, f"check-remote: {what} {url} answers ({room})"))
+        room = f" ({_human(used)} used of {_human(bound)})" if bound else f" ({_human(used)} used)" if used else ""
+        results.append((True, f"check-remote: {what} {url} answers{room}"))
     return results
 
 

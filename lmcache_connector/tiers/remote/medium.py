@@ -1,12 +1,13 @@
-"""The remote tier behind the tier contract: a key-value store (Redis) shared by many engines.
+"""The remote tier behind the tier contract: a store shared by many engines (Redis, S3, LMCache's server).
 
-Enabled by a form of ``LMCACHE_REMOTE_URL`` that has a client (:func:`~.client.served`: the Redis
-forms ``redis://``, ``rediss://``, ``unix://``, ``redis-sentinel://``, ``redis-cluster://``). The
-scheduler builds a :class:`~.catalog.RemoteCatalog`, each worker rank a
-:class:`~.store.RemoteStore`, each with its own connections.
+Enabled by ``LMCACHE_REMOTE_URL`` in any form that has a client (:func:`~.client.served`): the Redis
+forms ``redis://``, ``rediss://``, ``unix://``, ``redis-sentinel://``, ``redis-cluster://``; ``s3://``
+(an S3-compatible object store); ``lm://`` (LMCache's cache server). The scheduler builds a
+:class:`~.catalog.RemoteCatalog`, each worker rank a :class:`~.store.RemoteStore`, each with its
+own connections; both speak only the client contract of :mod:`.client`.
 
 At start the scheduler side checks the store once: credentials the store refuses, or a missing
-``redis`` package, stop the engine with a message naming the setting or the extra to install (a
+client package, stop the engine with a message naming the setting or the extra to install (a
 tier the operator configured must not silently vanish); a store that does not answer is only a
 warning: the tier starts *down* and comes up when a background probe reaches it.
 """

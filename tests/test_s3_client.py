@@ -1,0 +1,324 @@
+"""The S3 client of the remote tier against a real S3 endpoint (moto_server on loopback): every
+operation, the URL's prefix, the tier's two halves on S3 (block-granular finds, an object a
+lifecycle rule deleted is a miss, bad values are counted misses), and the failures an operator
+meets at start: refused credentials, a missing bucket, an endpoint that is down or hangs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import s3_servers as ss
+
+from lmcache_connector.config import LMCacheConfig
+from lmcache_connector.geometry import Geometry
+from lmcache_connector.keys import Namespace
+from lmcache_connector.tiers.base import PENDING, ChunkMiss
+from lmcache_connector.tiers.remote import catalog as remote_catalog
+from lmcache_connector.tiers.remote import s3_client
+from lmcache_connector.tiers.remote.catalog import RemoteCatalog
+from lmcache_connector.tiers.remote.client import RemoteAuthError, RemoteUnavailableError, side_key, value_key
+from lmcache_connector.tiers.remote.medium import RemoteMedium
+from lmcache_connector.tiers.remote.s3_client import BucketNotFoundError, S3Client, S3Options, connect_s3_with
+from lmcache_connector.tiers.remote.store import RemoteStore
+from lmcache_connector.tiers.remote.value import ValueHeader, decode_block_entry, encode_value_bytes
+from lmcache_connector.urls import parse_remote_url
+
+NS = "ab" * 16
+ROW = 512  # bytes of one block in one region
+BPC = 4  # blocks per chunk
+BUCKET = "lmc-tests"
+
+
+def shape(blocks: int) -> tuple[int, int, int]:
+    return (2, blocks, ROW)
+
+
+def fps(seed: str, n: int) -> list[bytes]:
+    return [f"{seed}-{i}".encode().ljust(16, b".")[:16] for i in range(n)]
+
+
+def payload(n_blocks: int, seed: int) -> bytes:
+    return bytes((seed + i) % 251 for i in range(2 * n_blocks * ROW))
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory) -> Iterator[ss.MotoServer]:
+    with ss.moto_server(tmp_path_factory.mktemp("moto")) as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture
+def s3(moto, monkeypatch) -> Iterator[ss.MotoServer]:
+    """The module's server, with this process's AWS environment pointing at it."""
+    with ss.aws_env(monkeypatch, moto.env()):
+        yield moto
+
+
+def client(url: str = f"s3://{BUCKET}/tests", **options) -> S3Client:
+    return connect_s3_with(parse_remote_url(url), S3Options(**{"timeout_secs": 5.0, **options}))
+
+
+def write(store: RemoteStore, block_fps: list[bytes], data: bytes, job_id: int = 1) -> None:
+    store.submit_write(job_id, block_fps[-1], block_fps, [memoryview(data)])
+    assert store.flush(10)
+    results, _ = store.take_results()
+    assert [(r.job_id, r.ok) for r in results] == [(job_id, True)]
+
+
+def answer(catalog: RemoteCatalog, block_fps: list[bytes], timeout: float = 5.0):
+    """``best_piece`` once the catalog heard back from the store."""
+    catalog.prefetch(block_fps, BPC)
+    deadline = time.monotonic() + timeout
+    while True:
+        catalog.poll()
+        found = catalog.best_piece(block_fps)
+        if found is not PENDING:
+            return found
+        assert time.monotonic() < deadline, "the catalog never heard back"
+        time.sleep(0.005)
+
+
+def geometry() -> Geometry:
+    namespace = Namespace("tiny", "bfloat16", "NHD", 4096, 2, 16, 64)
+    return Geometry(16, BPC, 4096, 8, namespace, 1)
+
+
+# ---------------------------------------------------------------- the client's operations
+
+
+def test_every_operation_round_trips_under_the_urls_prefix(s3):
+    c = client(f"s3://{BUCKET}/round/trip")
+    c.ping()
+    block_fps = [os.urandom(16).hex() for _ in range(BPC)]
+    header = ValueHeader(NS, "tp0pp0", block_fps[-1], tuple(block_fps), shape(BPC))
+    data = os.urandom(header.nbytes)
+    key = value_key("lmc:", NS, "tp0pp0", header.key)
+    entries = [side_key("lmc:", NS, "tp0pp0", fp) for fp in block_fps]
+    absent = value_key("lmc:", NS, "tp0pp0", "00" * 16)
+    c.put(key, memoryview(encode_value_bytes(header, [memoryview(data)])), entries, side_value="the-entry")
+
+    assert s3.objects(BUCKET, "round/") == sorted(f"round/trip/{name}" for name in [key, *entries])
+    assert c.exists_many([key, absent, *entries]) == [True, False, *[True] * BPC]
+    assert c.resolve_side_keys([*entries, absent]) == [*["the-entry"] * BPC, None]
+    assert c.get(absent) is None
+    value = c.get(key)
+    assert value is not None and value.endswith(data)
+    assert c.expire_many([key], 60) == [True]  # S3 has no TTL: nothing to refresh
+    assert c.memory() == (0, 0)
+    assert c.exists_many([]) == [] and c.resolve_side_keys([]) == []
+
+    assert client(f"s3://{BUCKET}/elsewhere").get(key) is None  # another prefix, another store
+    assert c.delete_matching(f"lmc:b:{NS[:16]}-*") == BPC  # the entries only
+    assert s3.objects(BUCKET, "round/") == [f"round/trip/{key}"]
+    assert c.delete_many([key]) == 1
+    assert s3.objects(BUCKET, "round/") == []
+    c.close()
+
+
+def test_deletes_go_in_batches_and_a_namespace_clear_leaves_other_keys(s3, monkeypatch):
+    monkeypatch.setattr(s3_client, "DELETE_BATCH", 3)  # as S3's 1,000, at a test's size
+    c = client(f"s3://{BUCKET}/batches")
+    mine = [value_key("lmc:", NS, "tp0pp0", f"{i:032x}") for i in range(7)]
+    other = value_key("lmc:", "cd" * 16, "tp0pp0", "00" * 16)
+    for key in [*mine, other]:
+        c.put(key, b"v")
+    assert c.delete_matching(f"lmc:{NS[:16]}-*") == 7
+    assert s3.objects(BUCKET, "batches/") == [f"batches/{other}"]
+    assert c.delete_many([other, *mine]) == 8  # S3 does not say which existed
+    assert s3.objects(BUCKET, "batches/") == []
+
+
+def test_addressing_is_path_style_on_a_custom_endpoint_and_virtual_hosted_on_aws(monkeypatch):
+    def object_url(c: S3Client) -> str:  # signed locally: nothing is sent
+        return c._s3.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": "k"})
+
+    env = {**ss.isolated_aws_env(), "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    with ss.aws_env(monkeypatch, {**env, "AWS_ENDPOINT_URL": "http://minio.internal:9000"}):
+        custom = client()
+        assert custom.addressing == "path"  # a MinIO without wildcard DNS for bucket host names
+        assert object_url(custom).startswith(f"http://minio.internal:9000/{BUCKET}/k?")
+        assert object_url(client(addressing_style="virtual")).startswith(f"http://{BUCKET}.minio.internal:9000/k?")
+    with ss.aws_env(monkeypatch, env):  # AWS itself
+        on_aws = client()
+        assert on_aws.addressing == "auto"  # botocore's own choice there: virtual-hosted for such a name
+        assert object_url(on_aws).startswith(f"https://{BUCKET}.s3.amazonaws.com/k?")
+        assert object_url(client(addressing_style="path")).startswith(f"https://s3.amazonaws.com/{BUCKET}/k?")
+
+
+def test_planted_block_entries_are_misses_and_a_large_one_is_read_only_in_part(s3):
+    c = client(f"s3://{BUCKET}/planted")
+    names = [side_key("lmc:", NS, "tp0pp0", f"{i:032x}") for i in range(3)]
+    admin = s3.admin()
+    admin.put_object(Bucket=BUCKET, Key=f"planted/{names[0]}", Body=b"\xff\xfe not ascii")
+    admin.put_object(Bucket=BUCKET, Key=f"planted/{names[1]}", Body=b"")
+    admin.put_object(Bucket=BUCKET, Key=f"planted/{names[2]}", Body=b"a" * (s3_client.ENTRY_READ_BYTES + 5000))
+    found = c.resolve_side_keys(names)
+    assert [decode_block_entry(raw) for raw in found] == [None, None, None]
+    assert len(found[2]) == s3_client.ENTRY_READ_BYTES
+
+
+def test_without_boto3_an_s3_url_says_which_extra_to_install():
+    code = (
+        "import sys; sys.modules['boto3'] = None\n"
+        "from lmcache_connector.tiers.remote.s3_client import S3Options, connect_s3_with\n"
+        "from lmcache_connector.urls import parse_remote_url\n"
+        "try:\n"
+        "    connect_s3_with(parse_remote_url('s3://bucket'), S3Options())\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'lmcache-connector[s3]'" in out
+
+
+# ---------------------------------------------------------------- the tier's halves on S3
+
+
+def test_a_chunk_one_engine_wrote_is_found_block_granular_and_read_by_another(s3):
+    url = f"s3://{BUCKET}/tier"
+    prompt = fps("doc", BPC)
+    data = payload(BPC, 1)
+    write(RemoteStore(client(url), NS, "tp0pp0", shape), prompt, data)
+    short = fps("tail", 2)  # the last, partial chunk of another prompt
+    write(RemoteStore(client(url), NS, "tp0pp0", shape), short, payload(2, 3), job_id=2)
+
+    catalog = RemoteCatalog(client(url), NS, ["tp0pp0"], lookup_timeout_s=2.0)
+    try:
+        chunk, blocks = answer(catalog, prompt)
+        assert (chunk.key, chunk.block_fps, blocks) == (prompt[-1], tuple(prompt), BPC)
+        chunk, blocks = answer(catalog, prompt[:2] + fps("other", 2))  # shares two blocks of the chunk
+        assert (chunk.key, blocks) == (prompt[-1], 2)
+        chunk, blocks = answer(catalog, fps("tail", BPC))
+        assert (chunk.key, blocks) == (short[-1], 2)
+        assert answer(catalog, fps("unrelated", BPC)) is None
+    finally:
+        catalog.close()
+
+    into = bytearray(len(data))
+    RemoteStore(client(url), NS, "tp0pp0", shape).read_into(prompt[-1], prompt, [memoryview(into)])
+    assert bytes(into) == data
+
+
+def test_an_object_deleted_behind_the_tiers_back_is_a_miss(s3, monkeypatch):
+    monkeypatch.setattr(remote_catalog, "ANSWER_TTL_S", 0.2)  # a used answer is asked again after this
+    url = f"s3://{BUCKET}/lifecycle"
+    prompt = fps("expiring", BPC)
+    write(RemoteStore(client(url), NS, "tp0pp0", shape), prompt, payload(BPC, 1))
+    catalog = RemoteCatalog(client(url), NS, ["tp0pp0"], lookup_timeout_s=2.0)
+    try:
+        assert answer(catalog, prompt)[1] == BPC
+        # What a bucket lifecycle rule does: the value goes, its block entries may stay a while.
+        s3.admin().delete_object(Bucket=BUCKET, Key=f"lifecycle/{value_key('lmc:', NS, 'tp0pp0', prompt[-1].hex())}")
+        with pytest.raises(ChunkMiss, match="evicted or expired") as miss:
+            RemoteStore(client(url), NS, "tp0pp0", shape).read_into(
+                prompt[-1], prompt, [memoryview(bytearray(len(payload(BPC, 1))))]
+            )
+        assert miss.value.gone
+        time.sleep(1.3)  # the answer was used: it expires (the catalog sweeps once a second)
+        assert answer(catalog, prompt) is None  # asked again: the entries name a chunk that is gone
+    finally:
+        catalog.close()
+
+
+@pytest.mark.parametrize("planted", ["foreign", "truncated", "corrupt", "garbage"])
+def test_a_value_that_is_not_this_chunk_is_a_counted_miss(s3, planted):
+    prompt = fps(f"bad-{planted}", BPC)
+    good = encode_value_bytes(
+        ValueHeader(NS, "tp0pp0", prompt[-1].hex(), tuple(f.hex() for f in prompt), shape(BPC)),
+        [memoryview(payload(BPC, 1))],
+    )
+    other = fps("else", BPC)
+    values = {
+        "foreign": encode_value_bytes(
+            ValueHeader(NS, "tp0pp0", other[-1].hex(), tuple(f.hex() for f in other), shape(BPC)),
+            [memoryview(payload(BPC, 2))],
+        ),
+        "truncated": good[:-100],
+        "corrupt": good[:-1] + bytes([good[-1] ^ 1]),
+        "garbage": os.urandom(300),
+    }
+    name = f"bad/{value_key('lmc:', NS, 'tp0pp0', prompt[-1].hex())}"
+    s3.admin().put_object(Bucket=BUCKET, Key=name, Body=values[planted])
+    store = RemoteStore(client(f"s3://{BUCKET}/bad"), NS, "tp0pp0", shape)
+    with pytest.raises(ChunkMiss) as miss:
+        store.read_into(prompt[-1], prompt, [memoryview(bytearray(len(payload(BPC, 1))))])
+    assert miss.value.gone
+    assert store.take_counts() == {"bad_values.remote": 1}
+
+
+# ---------------------------------------------------------------- what an operator meets at start
+
+
+def test_credentials_the_store_refuses_stop_the_tier_at_start(tmp_path, monkeypatch):
+    config = LMCacheConfig(remote_url=f"s3://{BUCKET}/auth", blocking_timeout_secs=3.0)
+    with ss.moto_server(tmp_path / "auth") as strict:  # a server of its own: it checks every signature
+        strict.create_bucket(BUCKET)
+        key_id, secret = strict.require_credentials()
+        with ss.aws_env(monkeypatch, strict.env()):
+            catalog = RemoteMedium().catalog(config, geometry())
+            assert catalog is not None and catalog.up()
+            catalog.close()
+        for wrong in (strict.env(key_id="AKIAUNKNOWNKEY000000"), strict.env(secret="not-" + secret)):
+            with ss.aws_env(monkeypatch, wrong):
+                with pytest.raises(ValueError, match="refused the credentials .*check AWS_ACCESS_KEY_ID"):
+                    RemoteMedium().catalog(config, geometry())
+                with pytest.raises(RemoteAuthError):  # every operation says the same, not just a ping
+                    client(f"s3://{BUCKET}/auth").get("lmc:k")
+
+
+def test_no_credentials_at_all_is_a_clear_error_at_start(s3, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    config = LMCacheConfig(remote_url=f"s3://{BUCKET}")
+    with pytest.raises(ValueError, match="no AWS credentials found: set AWS_ACCESS_KEY_ID"):
+        RemoteMedium().catalog(config, geometry())
+
+
+def test_a_missing_bucket_is_a_clear_error_at_start(s3):
+    with pytest.raises(ValueError, match="bucket 'no-such-bucket' does not exist"):
+        RemoteMedium().catalog(LMCacheConfig(remote_url="s3://no-such-bucket/x"), geometry())
+    with pytest.raises(BucketNotFoundError):
+        client("s3://no-such-bucket").put("lmc:k", b"v")
+
+
+def test_a_dead_or_hung_endpoint_fails_within_the_timeout(monkeypatch, caplog):
+    refused = ss.free_port()
+    hung = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+
+    def fails_within(timeout: float, operation) -> None:
+        started = time.monotonic()
+        with pytest.raises(RemoteUnavailableError):
+            operation()
+        assert time.monotonic() - started < timeout + 0.25
+
+    def endpoint(port: int) -> dict[str, str]:
+        env = {**ss.isolated_aws_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+        return {**env, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+
+    try:
+        with ss.aws_env(monkeypatch, endpoint(hung.getsockname()[1])):
+            short = client(f"s3://{BUCKET}", timeout_secs=1.0)  # one attempt
+            fails_within(1.0, short.ping)
+            fails_within(1.0, lambda: short.get("lmc:k"))
+            retried = client(f"s3://{BUCKET}", timeout_secs=3.0)  # two attempts and a back-off
+            fails_within(3.0, lambda: retried.exists_many(["lmc:a", "lmc:b"]))
+        with ss.aws_env(monkeypatch, endpoint(refused)):
+            dead = client(f"s3://{BUCKET}", timeout_secs=3.0)
+            fails_within(3.0, dead.ping)
+            fails_within(3.0, lambda: dead.put("lmc:k", b"v", ["lmc:b:k"]))
+            # At start this is a warning, not an error: the tier starts down and is probed.
+            catalog = RemoteMedium().catalog(LMCacheConfig(remote_url=f"s3://{BUCKET}"), geometry())
+            assert catalog is not None and not catalog.up()
+            catalog.close()
+    finally:
+        hung.close()
+    assert any("does not answer" in r.getMessage() for r in caplog.records)
