@@ -27,10 +27,8 @@ ranks in one process.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -47,7 +45,10 @@ from lmcache_connector.tiers.memory.prefault import populate_in_background
 
 logger = logging.getLogger("lmcache_connector")
 
-BACKGROUND_FILL_NICE = 5  # below the model thread, not so far that a busy engine starves the fill
+# A step that computes nothing waits up to this long for a background load instead of returning at
+# once: vLLM would otherwise run empty steps back to back, and that spinning takes the CPU from the
+# very fill the waiting request needs (on a small machine, several times its TTFT).
+IDLE_STEP_WAIT_S = 0.01
 
 
 class Executor:
@@ -73,9 +74,8 @@ class Executor:
         self._filled: dict[int, float] = {}  # slot filled this step -> seconds it took
         self._handled: set[int] = set()  # store/fill ids of the bound step this rank already reported on
         self._write_jobs: dict[int, StoreSpec] = {}  # store id -> store whose writes wait for its bytes
-        self._background = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="lmcache-fill", initializer=_yield_to_serving_threads
-        )
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-fill")
+        self._idle_step = False  # the current step computes nothing (see finished_loads)
         self._async: dict[str, tuple[AsyncLoad, Future]] = {}  # request id -> its background load
         self.counters = Counters()
 
@@ -166,6 +166,7 @@ class Executor:
         if self._step_errors[0] == plan.step:
             return  # already begun (start_load_kv after a failed attempt)
         self._step_errors = (plan.step, set())
+        self._idle_step = plan.idle
         self._filled = {}
         self._handled = set()
         # Every slot handed out this step holds nothing loadable until its fill or store completes.
@@ -239,7 +240,10 @@ class Executor:
             future.exception(timeout)
 
     def finished_loads(self) -> set[str]:
-        """Background loads whose fills are done: copy their slots into the blocks, report them."""
+        """Background loads whose fills are done: copy their slots into the blocks, report them. In a
+        step that computes nothing, wait a moment for one to finish (:data:`IDLE_STEP_WAIT_S`)."""
+        if self._idle_step and self._async:
+            wait([future for _, future in self._async.values()], IDLE_STEP_WAIT_S, return_when=FIRST_COMPLETED)
         finished = set()
         for req_id, (load, future) in list(self._async.items()):
             if not future.done():
@@ -409,15 +413,6 @@ class Executor:
             store.close(self.config.disk_flush_timeout_secs)
         if self.pool is not None:
             self.pool.close()  # unregisters pinned pages (CUDA)
-
-
-def _yield_to_serving_threads() -> None:
-    """Background fills run a notch below the model thread (Linux: a thread has its own nice value):
-    on a busy machine the decoding requests go first, while a waiting request's read still advances."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_FILL_NICE)
-    except (OSError, AttributeError):
-        pass
 
 
 def _first_failed(blocks, errors: set[int]) -> int:

@@ -89,6 +89,7 @@ class StepPlan:
     stores: dict[str, list[StoreSpec]] = field(default_factory=dict)  # request id -> stores
     prefix_blocks: dict[str, list[int]] = field(default_factory=dict)  # request id -> its blocks up to its last store
     new_slots: list[int] = field(default_factory=list)  # every slot handed out this step, sent or not
+    idle: bool = False  # vLLM scheduled no tokens: the step only waits for background loads
 
 
 @dataclass

@@ -338,7 +338,7 @@ class Planner:
         self._step += 1
         for catalog in self.secondaries:
             catalog.poll()
-        plan = StepPlan(step=self._step)
+        plan = StepPlan(step=self._step, idle=not scheduled)
         step_pins: list[tuple[str, bytes]] = []
         self._building = (plan, step_pins)  # what abandon_step() releases if this step fails midway
         accesses: list[StepAccess] = []

@@ -16,6 +16,7 @@ import time
 
 import lm_servers as ls
 import pytest
+from remote_tier_support import BPC, ROW, fps, payload, planted_values, shape
 
 from lmcache_connector.config import load_config
 from lmcache_connector.tiers.base import PENDING, ChunkMiss
@@ -35,8 +36,6 @@ from lmcache_connector.tiers.remote.value import ValueHeader, decode_value, enco
 from lmcache_connector.urls import parse_remote_url
 
 NS = "cd" * 16
-ROW = 512
-BPC = 4
 TIMEOUT = 0.5  # the socket timeout of the clients facing fake servers
 # Every start of the real server imports torch (seconds, more on a loaded machine): not the unit loop.
 pytestmark = pytest.mark.slow
@@ -44,18 +43,6 @@ pytestmark = pytest.mark.slow
 
 def connect(url: str, **options) -> LMServerClient:
     return LMServerClient(parse_remote_url(url), LMOptions(**options))
-
-
-def fps(seed: str, n: int) -> list[bytes]:
-    return [f"{seed}-{i}".encode().ljust(16, b".")[:16] for i in range(n)]
-
-
-def shape(blocks: int) -> tuple[int, int, int]:
-    return (2, blocks, ROW)
-
-
-def payload(blocks: int, seed: int) -> bytes:
-    return bytes((seed + i) % 251 for i in range(2 * blocks * ROW))
 
 
 @pytest.fixture(scope="module")
@@ -362,22 +349,7 @@ def test_the_tier_shares_chunks_block_granularly_through_the_real_server(server)
 def test_a_value_that_is_not_this_chunk_is_a_counted_miss(server, planted):
     prompt = fps(f"bad-{planted}", BPC)
     key = lm_key(value_key("lmc:", NS, "tp0pp0", prompt[-1].hex()))
-    good = encode_value_bytes(
-        ValueHeader(NS, "tp0pp0", prompt[-1].hex(), tuple(f.hex() for f in prompt), shape(BPC)),
-        [memoryview(payload(BPC, 1))],
-    )
-    other = fps("else", BPC)
-    values = {
-        "foreign": encode_value_bytes(
-            ValueHeader(NS, "tp0pp0", other[-1].hex(), tuple(f.hex() for f in other), shape(BPC)),
-            [memoryview(payload(BPC, 2))],
-        ),
-        "truncated": good[:-100],
-        "corrupt": good[:-1] + bytes([good[-1] ^ 1]),
-        "other-version": good[:4] + (99).to_bytes(2, "little") + good[6:],
-        "garbage": os.urandom(300),
-        "empty": b"",
-    }
+    values = planted_values(NS, prompt)
     ls.raw_put(server.port, key, values[planted])
     store = RemoteStore(connect(server.url), NS, "tp0pp0", shape)
     into = bytearray(len(payload(BPC, 1)))

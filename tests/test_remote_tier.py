@@ -4,37 +4,22 @@ costs a bounded wait, never a stall, and comes back by itself."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import redis_servers as rs
+from remote_tier_support import BPC, ROW, answer, fps, payload, planted_values, shape, write
 
 from lmcache_connector.keys import rank_tag
-from lmcache_connector.tiers.base import PENDING, ChunkMiss
+from lmcache_connector.tiers.base import ChunkMiss
 from lmcache_connector.tiers.remote import catalog as remote_catalog
 from lmcache_connector.tiers.remote import store as remote_store
 from lmcache_connector.tiers.remote.catalog import RemoteCatalog
 from lmcache_connector.tiers.remote.redis_client import RedisOptions, connect_redis, value_key
 from lmcache_connector.tiers.remote.store import RemoteStore
-from lmcache_connector.tiers.remote.value import ValueHeader, encode_value_bytes
 from lmcache_connector.urls import parse_remote_url
 
 NS = "ab" * 16
-ROW = 512  # bytes of one block in one region
-BPC = 4  # blocks per chunk
-
-
-def shape(blocks: int) -> tuple[int, int, int]:
-    return (2, blocks, ROW)
-
-
-def fps(seed: str, n: int) -> list[bytes]:
-    return [f"{seed}-{i}".encode().ljust(16, b".")[:16] for i in range(n)]
-
-
-def payload(n_blocks: int, seed: int) -> bytes:
-    return bytes((seed + i) % 251 for i in range(2 * n_blocks * ROW))
 
 
 def client(server, **options):
@@ -47,26 +32,6 @@ def make_store(server, rank: str = "tp0pp0", **options) -> RemoteStore:
 
 def make_catalog(server, ranks=("tp0pp0",), timeout_s: float = 0.5, **options) -> RemoteCatalog:
     return RemoteCatalog(client(server, **options), NS, list(ranks), lookup_timeout_s=timeout_s)
-
-
-def write(store: RemoteStore, block_fps: list[bytes], data: bytes, job_id: int = 1) -> None:
-    store.submit_write(job_id, block_fps[-1], block_fps, [memoryview(data)])
-    assert store.flush(5)
-    results, _ = store.take_results()
-    assert [(r.job_id, r.ok) for r in results] == [(job_id, True)]
-
-
-def answer(catalog: RemoteCatalog, block_fps: list[bytes], timeout: float = 5.0):
-    """``best_piece`` once the catalog heard back from the store."""
-    catalog.prefetch(block_fps, BPC)
-    deadline = time.monotonic() + timeout
-    while True:
-        catalog.poll()
-        found = catalog.best_piece(block_fps)
-        if found is not PENDING:
-            return found
-        assert time.monotonic() < deadline, "the catalog never heard back"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -149,21 +114,7 @@ def test_a_chunk_already_in_the_store_is_not_sent_again(server):
 def test_a_value_that_is_not_this_chunk_is_a_counted_miss(server, planted):
     prompt = fps("bad", BPC)
     key = value_key("lmc:", NS, "tp0pp0", prompt[-1].hex())
-    good = encode_value_bytes(
-        ValueHeader(NS, "tp0pp0", prompt[-1].hex(), tuple(f.hex() for f in prompt), shape(BPC)),
-        [memoryview(payload(BPC, 1))],
-    )
-    other = fps("else", BPC)
-    values = {
-        "foreign": encode_value_bytes(
-            ValueHeader(NS, "tp0pp0", other[-1].hex(), tuple(f.hex() for f in other), shape(BPC)),
-            [memoryview(payload(BPC, 2))],
-        ),
-        "truncated": good[:-100],
-        "corrupt": good[:-1] + bytes([good[-1] ^ 1]),
-        "other-version": good[:4] + (99).to_bytes(2, "little") + good[6:],
-        "garbage": os.urandom(300),
-    }
+    values = planted_values(NS, prompt)
     with server.admin() as admin:
         admin.set(key, values[planted])
     store = make_store(server)

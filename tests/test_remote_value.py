@@ -207,3 +207,13 @@ def test_the_value_format_imports_neither_torch_nor_vllm_nor_redis():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_value_encoded_into_a_reused_buffer_is_the_same_value():
+    from lmcache_connector.tiers.remote.value import encode_value_into
+
+    buffer = bytearray()
+    for seed in (1, 2):  # the second call reuses (and overwrites) the first one's buffer
+        header = ValueHeader("ab" * 16, "tp0pp0", "cd" * 16, ("cd" * 16,), (2, 1, 8))
+        regions = [memoryview(bytes([seed] * 8)), memoryview(bytes([seed + 1] * 8))]
+        assert bytes(encode_value_into(header, regions, buffer)) == encode_value_bytes(header, regions)

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 import s3_servers as ss
+from remote_tier_support import BPC, answer, fps, payload, planted_values, shape, write
 
 from lmcache_connector.config import LMCacheConfig
 from lmcache_connector.geometry import Geometry
 from lmcache_connector.keys import Namespace
-from lmcache_connector.tiers.base import PENDING, ChunkMiss
+from lmcache_connector.tiers.base import ChunkMiss
 from lmcache_connector.tiers.remote import catalog as remote_catalog
 from lmcache_connector.tiers.remote import s3_client
 from lmcache_connector.tiers.remote.catalog import RemoteCatalog
@@ -30,21 +31,7 @@ from lmcache_connector.tiers.remote.value import ValueHeader, decode_block_entry
 from lmcache_connector.urls import parse_remote_url
 
 NS = "ab" * 16
-ROW = 512  # bytes of one block in one region
-BPC = 4  # blocks per chunk
 BUCKET = "lmc-tests"
-
-
-def shape(blocks: int) -> tuple[int, int, int]:
-    return (2, blocks, ROW)
-
-
-def fps(seed: str, n: int) -> list[bytes]:
-    return [f"{seed}-{i}".encode().ljust(16, b".")[:16] for i in range(n)]
-
-
-def payload(n_blocks: int, seed: int) -> bytes:
-    return bytes((seed + i) % 251 for i in range(2 * n_blocks * ROW))
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +50,6 @@ def s3(moto, monkeypatch) -> Iterator[ss.MotoServer]:
 
 def client(url: str = f"s3://{BUCKET}/tests", **options) -> S3Client:
     return connect_s3_with(parse_remote_url(url), S3Options(**{"timeout_secs": 5.0, **options}))
-
-
-def write(store: RemoteStore, block_fps: list[bytes], data: bytes, job_id: int = 1) -> None:
-    store.submit_write(job_id, block_fps[-1], block_fps, [memoryview(data)])
-    assert store.flush(10)
-    results, _ = store.take_results()
-    assert [(r.job_id, r.ok) for r in results] == [(job_id, True)]
-
-
-def answer(catalog: RemoteCatalog, block_fps: list[bytes], timeout: float = 5.0):
-    """``best_piece`` once the catalog heard back from the store."""
-    catalog.prefetch(block_fps, BPC)
-    deadline = time.monotonic() + timeout
-    while True:
-        catalog.poll()
-        found = catalog.best_piece(block_fps)
-        if found is not PENDING:
-            return found
-        assert time.monotonic() < deadline, "the catalog never heard back"
-        time.sleep(0.005)
 
 
 def geometry() -> Geometry:
@@ -230,20 +197,7 @@ def test_an_object_deleted_behind_the_tiers_back_is_a_miss(s3, monkeypatch):
 @pytest.mark.parametrize("planted", ["foreign", "truncated", "corrupt", "garbage"])
 def test_a_value_that_is_not_this_chunk_is_a_counted_miss(s3, planted):
     prompt = fps(f"bad-{planted}", BPC)
-    good = encode_value_bytes(
-        ValueHeader(NS, "tp0pp0", prompt[-1].hex(), tuple(f.hex() for f in prompt), shape(BPC)),
-        [memoryview(payload(BPC, 1))],
-    )
-    other = fps("else", BPC)
-    values = {
-        "foreign": encode_value_bytes(
-            ValueHeader(NS, "tp0pp0", other[-1].hex(), tuple(f.hex() for f in other), shape(BPC)),
-            [memoryview(payload(BPC, 2))],
-        ),
-        "truncated": good[:-100],
-        "corrupt": good[:-1] + bytes([good[-1] ^ 1]),
-        "garbage": os.urandom(300),
-    }
+    values = planted_values(NS, prompt)
     name = f"bad/{value_key('lmc:', NS, 'tp0pp0', prompt[-1].hex())}"
     s3.admin().put_object(Bucket=BUCKET, Key=name, Body=values[planted])
     store = RemoteStore(client(f"s3://{BUCKET}/bad"), NS, "tp0pp0", shape)

@@ -16,6 +16,7 @@ the credentials: a configuration error naming the setting to fix).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from lmcache_connector.keys import storage_name
@@ -37,6 +38,22 @@ class RemoteUnavailableError(RemoteError):
 
 class RemoteAuthError(RemoteError):
     """The store refused the credentials, or they could not be read: fix the setting the message names."""
+
+
+@dataclass(frozen=True)
+class PutItem:
+    """One value to write and the block entries that point to it (each holding ``side_value``)."""
+
+    key: str
+    value: bytes | memoryview
+    side_keys: Sequence[str] = ()
+    side_value: str | None = None
+
+
+def put_each(client: RemoteClient, items: Sequence[PutItem], ttl: int | None = None) -> None:
+    """``put_many`` for a store that takes one value per request."""
+    for item in items:
+        client.put(item.key, item.value, item.side_keys, ttl, item.side_value)
 
 
 class RemoteClient(Protocol):
@@ -64,6 +81,9 @@ class RemoteClient(Protocol):
         side_value: str | None = None,
     ) -> None:
         """Write the value, then the block entries (each holding ``side_value``) that point to it."""
+
+    def put_many(self, items: Sequence[PutItem], ttl: int | None = None) -> None:
+        """:meth:`put` for several values, in as few round trips as the store allows."""
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None`` when it is not there (never written, expired, evicted)."""

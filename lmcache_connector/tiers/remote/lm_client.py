@@ -77,8 +77,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from lmcache_connector.tiers.remote.client import (  # noqa: F401 (the contract's errors and keys, re-exported)
+    PutItem,
     RemoteError,
     RemoteUnavailableError,
+    put_each,
     side_key,
     value_key,
 )
@@ -333,6 +335,9 @@ class LMServerClient:
             conn.owed += 1
 
         self._call("PUT", store)
+
+    def put_many(self, items: Sequence[PutItem], ttl: int | None = None) -> None:
+        put_each(self, items, ttl)  # one object (one request) per value: nothing to batch
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None`` when the server has none (never written, or the server restarted).

@@ -52,7 +52,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from lmcache_connector.tiers.remote.client import RemoteAuthError, RemoteUnavailableError
+from lmcache_connector.tiers.remote.client import PutItem, RemoteAuthError, RemoteUnavailableError, put_each
 from lmcache_connector.tiers.remote.value import MAX_ENTRY_BLOCKS
 from lmcache_connector.urls import RemoteUrl
 
@@ -223,6 +223,9 @@ class S3Client:
             self._s3.put_object(Bucket=self.bucket, Key=self._name(key), Body=body)
         entry = (key if side_value is None else side_value).encode()
         self._each(lambda side: self._put_small(side, entry), side_keys)
+
+    def put_many(self, items: Sequence[PutItem], ttl: int | None = None) -> None:
+        put_each(self, items, ttl)  # one object (one request) per value: nothing to batch
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None`` when there is no such object (never written, or expired by a rule)."""

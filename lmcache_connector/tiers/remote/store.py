@@ -4,7 +4,8 @@ Writes never hold up the forward pass. :meth:`RemoteStore.submit_write` puts the
 queue and returns; a background writer asks the store which of the queued chunks it already holds
 (one ``EXISTS`` round trip for the batch: a chunk another engine stored is not sent again) and
 writes the others, each as one value (the self-describing header of :mod:`.value`, then the raw
-bytes) with the block entries that point to it (written by rank ``tp0pp0`` only), in one pipeline.
+bytes) with the block entries that point to it (written by rank ``tp0pp0`` only): the whole batch
+in one ``put_many`` (one pipeline on Redis).
 A full queue, or a tier that is down, drops the write at once (counted as ``dropped_writes``): the
 chunk's memory slot is released instead of waiting for the network.
 
@@ -29,13 +30,13 @@ from collections.abc import Callable, Sequence
 
 from lmcache_connector.tiers.base import ChunkMiss, Store, WriteResult
 from lmcache_connector.tiers.remote.catalog import ENTRY_RANK
-from lmcache_connector.tiers.remote.client import RemoteClient, RemoteError, side_key, value_key
+from lmcache_connector.tiers.remote.client import PutItem, RemoteClient, RemoteError, side_key, value_key
 from lmcache_connector.tiers.remote.value import (
     RemoteValueError,
     ValueHeader,
     decode_value,
     encode_block_entry,
-    encode_value_bytes,
+    encode_value_into,
 )
 
 logger = logging.getLogger("lmcache_connector")
@@ -70,6 +71,7 @@ class RemoteStore(Store):
         self._idle = threading.Condition(self._lock)
         self._queued = 0
         self._stop = False
+        self._value_buffers: list[bytearray] = []  # the writer thread's, one per chunk of a batch
         self._writer = threading.Thread(target=self._write_loop, name=f"lmcache-remote-writer-{rank}", daemon=True)
         self._writer.start()
 
@@ -167,27 +169,43 @@ class RemoteStore(Store):
             for job_id, *_ in batch:
                 self._finish(WriteResult(job_id, False))
             return
+        items, sent = [], []
         for (job_id, key, block_fps, regions), there in zip(batch, held, strict=True):
             if there:  # another engine (or an earlier write) stored it: nothing to send
                 self._finish(WriteResult(job_id, True))
                 continue
-            started = time.perf_counter()
             try:
                 header = self._header(key, block_fps)
-                value = encode_value_bytes(header, regions)
-                entries = [self._entry_key(fp) for fp in block_fps] if self.rank == ENTRY_RANK else []
-                entry = encode_block_entry(key.hex(), [fp.hex() for fp in block_fps])
-                self.client.put(self._value_key(key), value, entries, side_value=entry)
-            except RemoteError as exc:
-                self._failed(exc)
-                self._finish(WriteResult(job_id, False))
-                continue
+                value = encode_value_into(header, regions, self._buffer(len(items)))
             except Exception as exc:  # a bug must fail this write, not the writer thread
                 logger.warning("Writing chunk %s to the remote tier failed: %s", key.hex()[:12], exc)
                 self._finish(WriteResult(job_id, False))
                 continue
-            self._succeeded()
-            self._finish(WriteResult(job_id, True, header.nbytes, time.perf_counter() - started))
+            entries = [self._entry_key(fp) for fp in block_fps] if self.rank == ENTRY_RANK else []
+            entry = encode_block_entry(key.hex(), [fp.hex() for fp in block_fps])
+            items.append(PutItem(self._value_key(key), value, entries, entry))
+            sent.append((job_id, header.nbytes))
+        if not items:
+            return
+        started = time.perf_counter()
+        try:
+            self.client.put_many(items)  # the whole batch in as few round trips as the store allows
+        except RemoteError as exc:
+            self._failed(exc)
+            for job_id, _ in sent:
+                self._finish(WriteResult(job_id, False))
+            return
+        self._succeeded()
+        seconds = (time.perf_counter() - started) / len(sent)
+        for job_id, nbytes in sent:
+            self._finish(WriteResult(job_id, True, nbytes, seconds))
+
+    def _buffer(self, i: int) -> bytearray:
+        """The writer's i-th value buffer: reused from batch to batch, so encoding a value copies
+        into memory already mapped instead of allocating (and faulting in) a new one each time."""
+        while len(self._value_buffers) <= i:
+            self._value_buffers.append(bytearray())
+        return self._value_buffers[i]
 
     # ------------------------------------------------------------ pieces
 

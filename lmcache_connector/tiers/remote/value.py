@@ -116,6 +116,22 @@ def encode_value_bytes(header: ValueHeader, regions: Sequence[memoryview]) -> by
     return b"".join(encode_value(header, regions))
 
 
+def encode_value_into(header: ValueHeader, regions: Sequence[memoryview], buffer: bytearray) -> memoryview:
+    """:func:`encode_value` written into ``buffer`` (grown when too small), as a view of its first
+    bytes. A writer that reuses one buffer copies each chunk into memory that is already mapped,
+    instead of allocating (and faulting in) a new one per chunk; the view is valid until the next call."""
+    pieces = encode_value(header, regions)
+    size = sum(len(piece) for piece in pieces)
+    if len(buffer) < size:
+        buffer.extend(bytes(size - len(buffer)))
+    view = memoryview(buffer)
+    offset = 0
+    for piece in pieces:
+        view[offset : offset + len(piece)] = piece
+        offset += len(piece)
+    return view[:size]
+
+
 def read_header(data: bytes | memoryview) -> tuple[ValueHeader, int]:
     """The value's header and the offset of its bytes, checked for form and length (not checksum)."""
     view = _bytes_view(data)
