@@ -63,6 +63,9 @@ def test_a_second_instance_loads_every_ranks_shard_of_what_the_first_computed(in
         req = serve(second, document + [7, 8, 9])
         assert second.hit_tokens(req) == DOCUMENT_TOKENS
     assert not second.errors()
+    # vLLM's prompt_tokens_cached_by_source counts these hits as external_unspecified.
+    assert second.connector.planner.hit_sources()["remote"] == "external_unspecified"
+    assert second.connector.planner.totals.hit_tokens_by_tier["remote"] == 3 * DOCUMENT_TOKENS
     second.assert_clean()
 
 
