@@ -113,6 +113,7 @@ class PlannerTotals:
     hit_tokens: int = 0
     stored_chunks: int = 0
     resumed_requests: int = 0  # preempted requests scheduled again
+    background_loads: int = 0  # requests whose hit was filled through vLLM's asynchronous-load path
     hit_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # tokens loaded that each tier supplied
     written_chunks_by_tier: dict[str, int] = field(default_factory=dict)  # chunks written behind memory
 
@@ -283,6 +284,7 @@ class Planner:
         for tier, tokens in state.hit_tokens_by_tier.items():
             self.totals.hit_tokens_by_tier[tier] = self.totals.hit_tokens_by_tier.get(tier, 0) + tokens
         if state.lookup_async:
+            self.totals.background_loads += 1
             for fill in state.pending_fills:
                 self.index.get(fill.key).filling = True  # loadable only once the background fill is done
 

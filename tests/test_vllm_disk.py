@@ -195,3 +195,34 @@ def test_chunk_files_cannot_be_mistaken_for_another_chunk(tmp_path):
     os.rename(tmp_path / a.file_name, tmp_path / b.file_name)
     with pytest.raises(ChunkFileError, match="does not match"):
         read_chunk_into(str(tmp_path / b.file_name), b, [memoryview(bytearray(64))])
+
+
+def test_a_chunk_in_the_page_cache_loads_at_once_and_an_evicted_one_in_the_background(engine_tmp, tmp_path, baseline):
+    # LMCACHE_DISK_ASYNC_FILLS=auto (the default): a warm file is read on the model thread, a file
+    # whose pages were dropped is read by the background thread while the request waits.
+    warm_prompt, cold_prompt = random_prompt(384, seed=500), random_prompt(384, seed=501)
+    with start_engine(TINY, engine_tmp, env=disk_env(tmp_path), extra_config=CHUNK) as first:
+        one(first, warm_prompt)
+        cold_first = one(first, cold_prompt)
+        fps = first.call("fingerprints", prompt=cold_prompt)["fingerprints"]
+    cold_files = [
+        p for p in chunk_files(tmp_path) if any(p.name.endswith(f"-{fps[i]}.lmc.safetensors") for i in (3, 7, 11))
+    ]
+    assert len(cold_files) == 3
+    for path in cold_files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    with start_engine(TINY, engine_tmp, env=disk_env(tmp_path), extra_config=CHUNK) as second:
+        warm = one(second, warm_prompt)
+        after_warm = second.call("connector_state", settle=False)["totals"]["background_loads"]
+        cold = one(second, cold_prompt)
+        after_cold = second.call("connector_state", settle=False)["totals"]["background_loads"]
+    assert warm["num_cached_tokens"] == cold["num_cached_tokens"] == 383  # every block; one token is computed
+    assert (after_warm, after_cold) == (0, 1)
+    assert_same_greedy(one(baseline, warm_prompt), warm)
+    assert_same_greedy(cold_first, cold)
