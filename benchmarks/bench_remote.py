@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import redis_servers  # noqa: E402
 from bench_engines import bench_engine  # noqa: E402
+from remote_store_timing import Timings, time_loads, time_stores  # noqa: E402
 
 from lmcache_connector.testing.tiny_model import BENCH, random_prompt  # noqa: E402
 from lmcache_connector.testing.vllm_process import EngineProcess  # noqa: E402
@@ -95,12 +96,8 @@ def throughput(url: str, admin: redis.Redis, chunks: int, repeats: int) -> dict:
         queue_chunks=max(chunks, 32),
     )
     raw = redis.Redis.from_url(url)
-    seconds: dict[str, list[float]] = {}
-
-    def timed(name: str, run: Callable[[], object]) -> None:
-        started = time.perf_counter()
-        run()
-        seconds.setdefault(name, []).append(time.perf_counter() - started)
+    timed = Timings()
+    seconds = timed.seconds
 
     def pipelined(command: Callable[..., object], keys: list[str], values: list | None = None) -> None:
         for start in range(0, len(keys), WRITE_BATCH):
@@ -112,25 +109,10 @@ def throughput(url: str, admin: redis.Redis, chunks: int, repeats: int) -> dict:
     for rep in range(repeats):
         fps = [[bytes.fromhex(f"{rep:08x}{c:08x}{b:016x}") for b in range(BLOCKS)] for c in range(chunks)]
 
-        def store_all(fps=fps) -> None:
-            for c in range(chunks):
-                store.submit_write(c, fps[c][-1], fps[c], regions[c])
-            assert store.flush(600), "the store did not finish its writes"
-
-        def load_all(fps=fps) -> None:
-            for c in range(chunks):
-                store.read_into(fps[c][-1], fps[c], into_regions[c])
-
         admin.flushall()
-        timed("store", store_all)
-        results, _ = store.take_results()
-        written = sorted((r.job_id, r.ok, r.nbytes) for r in results)
-        assert written == [(c, True, CHUNK_BYTES) for c in range(chunks)], "a write was skipped, dropped or failed"
+        time_stores(store, timed, fps, regions, CHUNK_BYTES)
         assert admin.dbsize() == chunks * (1 + BLOCKS), "not every value and block entry reached Redis"
-        timed("load", load_all)
-        assert all(torch.equal(a, b) for a, b in zip(data, into, strict=True)), "loaded bytes differ"
-        for d in into:
-            d.zero_()
+        time_loads(store, timed, fps, into_regions, data, into)
 
         keys = [f"raw:{rep}:{c}" for c in range(chunks)]
         admin.flushall()

@@ -34,8 +34,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import lm_servers  # noqa: E402
+from remote_store_timing import Timings, time_loads, time_stores  # noqa: E402
 
 from lmcache_connector.tiers.remote.lm_client import LMOptions, LMServerClient, value_key  # noqa: E402
 from lmcache_connector.tiers.remote.store import RemoteStore  # noqa: E402
@@ -85,12 +84,8 @@ def throughput(port: int, chunks: int, repeats: int) -> dict:
     )
     raw = socket.create_connection(("127.0.0.1", port))
     raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    seconds: dict[str, list[float]] = {}
-
-    def timed(name: str, run: Callable[[], object]) -> None:
-        started = time.perf_counter()
-        run()
-        seconds.setdefault(name, []).append(time.perf_counter() - started)
+    timed = Timings()
+    seconds = timed.seconds
 
     def raw_put_all(keys: list[str]) -> None:
         for key, view in zip(keys, flat, strict=True):
@@ -120,23 +115,8 @@ def throughput(port: int, chunks: int, repeats: int) -> dict:
     for rep in range(repeats):
         fps = [[bytes.fromhex(f"{rep:08x}{c:08x}{b:016x}") for b in range(BLOCKS)] for c in range(chunks)]
 
-        def store_all(fps=fps) -> None:
-            for c in range(chunks):
-                store.submit_write(c, fps[c][-1], fps[c], regions[c])
-            assert store.flush(600), "the store did not finish its writes"
-
-        def load_all(fps=fps) -> None:
-            for c in range(chunks):
-                store.read_into(fps[c][-1], fps[c], into_regions[c])
-
-        timed("store", store_all)
-        results, _ = store.take_results()
-        written = sorted((r.job_id, r.ok, r.nbytes) for r in results)
-        assert written == [(c, True, CHUNK_BYTES) for c in range(chunks)], "a write was skipped, dropped or failed"
-        timed("load", load_all)
-        assert all(torch.equal(a, b) for a, b in zip(data, into, strict=True)), "loaded bytes differ"
-        for d in into:
-            d.zero_()
+        time_stores(store, timed, fps, regions, CHUNK_BYTES)
+        time_loads(store, timed, fps, into_regions, data, into)
 
         keys = [f"raw@{rep}@0@{c:032x}@uint8" for c in range(chunks)]
         timed("raw_put", lambda keys=keys: raw_put_all(keys))

@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import s3_servers  # noqa: E402
+from remote_store_timing import Timings, time_loads, time_stores  # noqa: E402
 
 from lmcache_connector.tiers.remote.s3_client import S3Options, connect_s3_with  # noqa: E402
 from lmcache_connector.tiers.remote.store import RemoteStore  # noqa: E402
@@ -73,33 +73,14 @@ def throughput(server: s3_servers.MotoServer, chunks: int, repeats: int, row: in
     raw = server.admin()
     pool = ThreadPoolExecutor(16)  # as many requests in flight as the S3 client allows
     entry = b"e" * (33 * (BLOCKS + 1))  # a block entry's size
-    seconds: dict[str, list[float]] = {}
-
-    def timed(name: str, run: Callable[[], object]) -> None:
-        started = time.perf_counter()
-        run()
-        seconds.setdefault(name, []).append(time.perf_counter() - started)
+    timed = Timings()
+    seconds = timed.seconds
 
     for rep in range(repeats):
         fps = [[bytes.fromhex(f"{rep:04x}{row:08x}{c:04x}{b:016x}") for b in range(BLOCKS)] for c in range(chunks)]
 
-        def store_all(fps=fps) -> None:
-            for c in range(chunks):
-                store.submit_write(c, fps[c][-1], fps[c], regions[c])
-            assert store.flush(600), "the store did not finish its writes"
-
-        def load_all(fps=fps) -> None:
-            for c in range(chunks):
-                store.read_into(fps[c][-1], fps[c], into_regions[c])
-
-        timed("store", store_all)
-        results, _ = store.take_results()
-        written = sorted((r.job_id, r.ok, r.nbytes) for r in results)
-        assert written == [(c, True, chunk_bytes) for c in range(chunks)], "a write was skipped, dropped or failed"
-        timed("load", load_all)
-        assert all(torch.equal(a, b) for a, b in zip(data, into, strict=True)), "loaded bytes differ"
-        for d in into:
-            d.zero_()
+        time_stores(store, timed, fps, regions, chunk_bytes)
+        time_loads(store, timed, fps, into_regions, data, into)
 
         keys = [f"raw/{row}/{rep}/{c}" for c in range(chunks)]
 
