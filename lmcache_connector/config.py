@@ -100,6 +100,7 @@ class LMCacheConfig:
     remote_key_prefix: str = "lmc:"
     # Remote tier (S3): endpoint, region and credentials come from the standard AWS environment.
     s3_addressing_style: str = "auto"
+    s3_list_interval_secs: int | None = None
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -214,6 +215,15 @@ def _parse_optional_seconds(raw: Any) -> int | None:
     problem = "expected a whole number of seconds greater than 0 (unset: values never expire)"
     if isinstance(raw, bool) or not text.isdigit() or int(text) <= 0:
         raise ValueError(problem)
+    return int(text)
+
+
+def _parse_list_interval(raw: Any) -> int | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    if isinstance(raw, bool) or not text.isdigit() or int(text) <= 0:
+        raise ValueError("expected a whole number of seconds greater than 0 (unset: the bucket is never listed)")
     return int(text)
 
 
@@ -420,6 +430,11 @@ SETTINGS: dict[str, _Setting] = {
         "S3 addressing (s3:// only): auto (path-style on a custom AWS_ENDPOINT_URL, virtual-hosted on AWS), "
         "path or virtual.",
     ),
+    "s3_list_interval_secs": _Setting(
+        _parse_list_interval,
+        "s3:// only: list this namespace's objects every so many seconds (ListObjectsV2) to learn the "
+        "chunks in the bucket without a HEAD each; unset: never listed.",
+    ),
 }
 
 
@@ -578,9 +593,12 @@ def _s3_cross_checks(config: LMCacheConfig, url: RemoteUrl) -> list[str]:
     """Settings that say something the S3 client would silently ignore."""
     shown = f"LMCACHE_REMOTE_URL={url.redacted()!r}"
     if url.kind != "s3":
+        problems = []
         if config.s3_addressing_style != "auto":
-            return [f"LMCACHE_S3_ADDRESSING_STYLE applies to s3:// only, not to {shown}"]
-        return []
+            problems.append(f"LMCACHE_S3_ADDRESSING_STYLE applies to s3:// only, not to {shown}")
+        if config.s3_list_interval_secs is not None:
+            problems.append(f"LMCACHE_S3_LIST_INTERVAL_SECS applies to s3:// only, not to {shown}")
+        return problems
     return [
         f"{env_name(key)} does not apply to {shown}: {instead}"
         for key, instead in _NOT_FOR_S3.items()

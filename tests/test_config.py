@@ -388,6 +388,12 @@ def test_the_s3_addressing_style_is_one_of_three(style):
     assert load_config(env={}).s3_addressing_style == "auto"
 
 
+def test_the_s3_listing_is_off_unless_an_interval_is_set():
+    assert load_config(env={"LMCACHE_REMOTE_URL": "s3://kv-cache"}).s3_list_interval_secs is None
+    env = {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_S3_LIST_INTERVAL_SECS": "60"}
+    assert load_config(env=env).s3_list_interval_secs == 60
+
+
 @pytest.mark.parametrize(
     "env,message",
     [
@@ -400,6 +406,14 @@ def test_the_s3_addressing_style_is_one_of_three(style):
             "LMCACHE_S3_ADDRESSING_STYLE applies to s3:// only",
         ),
         (
+            {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_S3_LIST_INTERVAL_SECS": "0.5"},
+            "LMCACHE_S3_LIST_INTERVAL_SECS='0.5': expected a whole number of seconds greater than 0",
+        ),
+        (
+            {"LMCACHE_REMOTE_URL": "lm://cache:65432", "LMCACHE_S3_LIST_INTERVAL_SECS": "60"},
+            "LMCACHE_S3_LIST_INTERVAL_SECS applies to s3:// only",
+        ),
+        (
             {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_REMOTE_TTL_SECS": "3600"},
             "LMCACHE_REMOTE_TTL_SECS does not apply to LMCACHE_REMOTE_URL='s3://kv-cache': S3 has no TTL",
         ),
@@ -408,7 +422,14 @@ def test_the_s3_addressing_style_is_one_of_three(style):
             "a private CA goes in AWS_CA_BUNDLE",
         ),
     ],
-    ids=["unknown-style", "style-without-s3", "ttl-on-s3", "redis-ca-on-s3"],
+    ids=[
+        "unknown-style",
+        "style-without-s3",
+        "fractional-list-interval",
+        "list-without-s3",
+        "ttl-on-s3",
+        "redis-ca-on-s3",
+    ],
 )
 def test_s3_settings_that_would_be_ignored_are_an_error(tmp_path, env, message):
     cert = _secret_file(tmp_path, "cert.pem", "CERT")

@@ -173,6 +173,80 @@ def test_a_chunk_one_engine_wrote_is_found_block_granular_and_read_by_another(s3
     assert bytes(into) == data
 
 
+def test_a_chunk_costs_two_objects_and_exact_repeats_survive_an_overwritten_entry(s3):
+    """One value and one block entry (under the chunk's first block) a chunk, not one a block. Two
+    continuations of the same first block share that entry (the last writer's): each is still found
+    whole by its own prompt, and a prompt sharing part of them finds what it shares with the last."""
+    url = f"s3://{BUCKET}/two-objects"
+    first = fps("shared", 3) + fps("first", BPC - 3)
+    second = first[:2] + fps("second", BPC - 2)
+    write(RemoteStore(client(url), NS, "tp0pp0", shape), first, payload(BPC, 1))
+    assert len(s3.objects(BUCKET, "two-objects/")) == 2
+    write(RemoteStore(client(url), NS, "tp0pp0", shape), second, payload(BPC, 2))
+    assert len(s3.objects(BUCKET, "two-objects/")) == 3  # the second chunk's entry replaced the first's
+
+    catalog = RemoteCatalog(client(url), NS, ["tp0pp0"], lookup_timeout_s=2.0)
+    try:
+        assert answer(catalog, first)[0].key == first[-1] and answer(catalog, first)[1] == BPC
+        assert answer(catalog, second)[0].key == second[-1] and answer(catalog, second)[1] == BPC
+        chunk, blocks = answer(catalog, first[:3] + fps("third", BPC - 3))
+        assert (chunk.key, blocks) == (second[-1], 2)  # the entry names the second: two shared blocks
+    finally:
+        catalog.close()
+
+
+class CountingClient:
+    """The real client, counting the questions the catalog asks it (HEADs and entry GETs)."""
+
+    def __init__(self, real: S3Client):
+        self.real = real
+        self.questions = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def exists_many(self, keys):
+        self.questions += 1
+        return self.real.exists_many(keys)
+
+    def resolve_side_keys(self, keys):
+        self.questions += 1
+        return self.real.resolve_side_keys(keys)
+
+
+def test_a_periodic_listing_finds_chunks_without_asking_and_forgets_deleted_ones(s3):
+    url = f"s3://{BUCKET}/listing"
+    ranks = ["tp0pp0", "tp1pp0"]
+    both, one = fps("both-ranks", BPC), fps("one-rank", BPC)
+    for rank in ranks:
+        write(RemoteStore(client(url), NS, rank, shape), both, payload(BPC, 1))
+    write(RemoteStore(client(url), NS, ranks[0], shape), one, payload(BPC, 2))
+    counting = CountingClient(client(url))
+    catalog = RemoteCatalog(counting, NS, ranks, lookup_timeout_s=2.0, list_interval_s=0.3)
+    try:
+        deadline = time.monotonic() + 5
+        while both[-1] not in catalog.listed:  # the first listing landed
+            assert time.monotonic() < deadline, "the listing never arrived"
+            catalog.poll()
+            time.sleep(0.02)
+        catalog.prefetch(both, BPC)
+        chunk, blocks = catalog.best_piece(both)
+        assert (chunk.key, blocks) == (both[-1], BPC)
+        assert counting.questions == 0  # answered from the listing: nothing asked
+        assert answer(catalog, one) is None  # one rank's value only: not listed, asked, not held
+
+        # A lifecycle rule deletes the value: the next listing no longer holds it.
+        for rank in ranks:
+            s3.admin().delete_object(Bucket=BUCKET, Key=f"listing/{value_key('lmc:', NS, rank, both[-1].hex())}")
+        deadline = time.monotonic() + 5
+        while both[-1] in catalog.listed:
+            assert time.monotonic() < deadline, "the deleted chunk stayed listed"
+            catalog.poll()
+            time.sleep(0.02)
+    finally:
+        catalog.close()
+
+
 def test_an_object_deleted_behind_the_tiers_back_is_a_miss(s3, monkeypatch):
     monkeypatch.setattr(remote_catalog, "ANSWER_TTL_S", 0.2)  # a used answer is asked again after this
     url = f"s3://{BUCKET}/lifecycle"

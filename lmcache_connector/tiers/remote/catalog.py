@@ -6,11 +6,13 @@ arrives the answer is :data:`~lmcache_connector.tiers.base.PENDING` (the connect
 ask again later). :meth:`RemoteCatalog.prefetch` asks for a whole prompt at once, so a long prompt
 costs one question, not one per chunk.
 
-One question, for any number of chunks, is two round trips: the block entries of every block
-boundary asked about (``MGET``: each names the chunk holding that boundary and all of that chunk's
-block fingerprints, so a prompt that shares only part of a chunk still finds it), then ``EXISTS``
-on every rank's value of every chunk named. A chunk counts only when every tensor-parallel rank's
-value exists; an entry whose chunk is gone, or that is not a valid entry, is a miss.
+One question, for any number of chunks, is two round trips: the block entries of the boundaries
+asked about (``MGET`` on Redis, where every block boundary has one; concurrent GETs of each chunk's
+first-block entry on S3 and lmcache_server: :func:`~.client.entry_fingerprints`), each naming a
+stored chunk and all of its block fingerprints, so a prompt that shares only part of a chunk still
+finds it; then ``EXISTS`` on every rank's value of every chunk named. A chunk counts only when
+every tensor-parallel rank's value exists; an entry whose chunk is gone, or that is not a valid
+entry, is a miss.
 
 Promises:
 
@@ -21,6 +23,11 @@ Promises:
   permanent disable. A freshly asked question may be waited for a few milliseconds
   (:data:`ANSWER_WAIT_S`), which a store on the same machine or network answers within, so a
   remote hit usually costs no extra scheduler step;
+* **listing, where asked for** (``LMCACHE_S3_LIST_INTERVAL_SECS``, S3 only): every so many
+  seconds the background thread lists this namespace's values (ListObjectsV2); a chunk every rank's
+  value is listed for is answered at once, without asking. Each listing replaces the last, so an
+  object a bucket lifecycle rule deleted drops out; a listed chunk gone at read time is a miss
+  (:meth:`forget`), as any stale answer;
 * **allowed to be stale**: answers are kept until they were used and are :data:`ANSWER_TTL_S`
   old, then asked again (so chunks other engines store become visible); a chunk the store evicted
   meanwhile is a miss at read time, which the planner reports back through :meth:`forget`.
@@ -36,7 +43,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lmcache_connector.tiers.base import PENDING, Catalog, StoredChunk, _Pending
-from lmcache_connector.tiers.remote.client import SIDE_KEY_MARK, RemoteClient, RemoteError, side_key, value_key
+from lmcache_connector.tiers.remote.client import (
+    SIDE_KEY_MARK,
+    RemoteClient,
+    RemoteError,
+    entry_fingerprints,
+    side_key,
+    value_key,
+)
 from lmcache_connector.tiers.remote.value import decode_block_entry
 
 logger = logging.getLogger("lmcache_connector")
@@ -48,6 +62,7 @@ ANSWER_WAIT_S = 0.003  # the longest a lookup waits for an answer it just asked 
 PROBE_FIRST_S = 0.5
 PROBE_MAX_S = 30.0
 USAGE_INTERVAL_S = 5.0
+MAX_LISTED = 200_000  # chunks a listing keeps (16-byte keys: a few MB); the rest are asked about
 
 
 @dataclass
@@ -72,6 +87,7 @@ class RemoteCatalog(Catalog):
         lookup_timeout_s: float,
         ttl_secs: int | None = None,
         start_up: bool = True,
+        list_interval_s: float | None = None,
     ):
         self.client = client
         self.namespace_hex = namespace_hex
@@ -79,6 +95,8 @@ class RemoteCatalog(Catalog):
         self.lookup_timeout_s = lookup_timeout_s
         self.ttl_secs = ttl_secs
         self._prefix = client.key_prefix
+        self.list_interval_s = list_interval_s
+        self._listed: frozenset[bytes] = frozenset()  # chunks every rank's value was listed for
         self._answers: dict[bytes, _Answer] = {}
         self._asked: dict[bytes, float] = {}  # block fingerprint -> deadline of its question
         self._chunks: dict[bytes, StoredChunk] = {}  # chunks known to be held, by key
@@ -87,6 +105,7 @@ class RemoteCatalog(Catalog):
         self._max_bytes = 0
         self._counts: dict[str, float] = {}
         self._next_expiry = 0.0
+        self._warned_listing = False
         # Scheduler thread -> background thread: questions, and work that must not wait on the network.
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         # Background thread -> scheduler thread, applied in poll().
@@ -115,6 +134,8 @@ class RemoteCatalog(Catalog):
                 self._mark_up()
             elif kind == "usage":
                 self._used_bytes, self._max_bytes = payload
+            elif kind == "listed":
+                self._listed = payload[0]
         now = time.monotonic()
         if now >= self._next_expiry:
             self._expire(now)
@@ -126,12 +147,14 @@ class RemoteCatalog(Catalog):
         questions = [
             tuple(block_fps[start : start + blocks_per_chunk]) for start in range(0, len(block_fps), blocks_per_chunk)
         ]
+        questions = [q for q in questions if not self._answer_from_listing(q)]
         if self._ask([q for q in questions if any(fp not in self._answers for fp in q)]):
             self._wait_briefly()
 
     def best_piece(self, block_fps: Sequence[bytes]) -> tuple[StoredChunk, int] | _Pending | None:
         if not self._up or not block_fps:
             return None
+        self._answer_from_listing(block_fps)
         whole = self._answers.get(block_fps[-1])
         if whole is not None and whole.chunk is not None:
             whole.used = True
@@ -156,6 +179,11 @@ class RemoteCatalog(Catalog):
                 best = (answer.chunk, n)
         return best
 
+    @property
+    def listed(self) -> frozenset[bytes]:
+        """The chunks the last listing found (empty without ``list_interval_s``)."""
+        return self._listed
+
     def __contains__(self, key: bytes) -> bool:
         return key in self._chunks
 
@@ -166,7 +194,8 @@ class RemoteCatalog(Catalog):
         # Reads refresh the values' TTL (GETEX); the block entries need theirs refreshed too.
         chunk = self._chunks.get(key)
         if self.ttl_secs and chunk is not None:
-            self._work.put(("expire", [self._entry_key(fp) for fp in chunk.block_fps]))
+            entry_fps = entry_fingerprints(chunk.block_fps, self.client.entry_every_block)
+            self._work.put(("expire", [self._entry_key(fp) for fp in entry_fps]))
 
     def accepts_writes(self) -> bool:
         return self._up
@@ -182,6 +211,8 @@ class RemoteCatalog(Catalog):
             self._answers[fp] = _Answer(chunk, now)
 
     def forget(self, key: bytes) -> None:
+        if key in self._listed:
+            self._listed = self._listed - {key}  # gone since the listing: not found there again
         chunk = self._chunks.pop(key, None)
         if chunk is None:
             return
@@ -196,6 +227,7 @@ class RemoteCatalog(Catalog):
         self._work.put(("delete", [self._value_key(tag, key) for tag in self.rank_tags]))
 
     def clear(self, in_flight: Sequence[bytes] = ()) -> None:
+        self._listed = frozenset()
         self._chunks.clear()
         self._answers.clear()
         self._asked.clear()
@@ -232,6 +264,17 @@ class RemoteCatalog(Catalog):
             self._answered.clear()
             self._work.put(("ask", fresh))
         return bool(fresh)
+
+    def _answer_from_listing(self, block_fps: Sequence[bytes]) -> bool:
+        """Whether the last listing holds the chunk ``block_fps`` make (the prompt's whole chunk, or
+        its partial last one); if so it becomes the answer, without asking the store."""
+        key = block_fps[-1]
+        if key not in self._listed:
+            return False
+        answer = self._answers.get(key)
+        if answer is None or answer.chunk is None or answer.chunk.key != key:
+            self._apply({key: StoredChunk(key, tuple(block_fps))})
+        return True
 
     def _wait_briefly(self) -> None:
         if self._answered.wait(min(ANSWER_WAIT_S, self.lookup_timeout_s)):
@@ -287,6 +330,7 @@ class RemoteCatalog(Catalog):
     def _run(self) -> None:
         probe_wait = PROBE_FIRST_S
         next_usage = 0.0
+        next_listing = 0.0
         while not self._stop.is_set():
             if self._down.is_set():
                 if self._stop.wait(probe_wait):
@@ -311,6 +355,9 @@ class RemoteCatalog(Catalog):
                 if time.monotonic() >= next_usage:
                     next_usage = time.monotonic() + USAGE_INTERVAL_S
                     self._results.put(("usage", *self.client.memory()))
+                if self.list_interval_s is not None and time.monotonic() >= next_listing:
+                    next_listing = time.monotonic() + self.list_interval_s
+                    self._results.put(("listed", self._list_chunks()))
             except RemoteError as exc:
                 self._down.set()
                 self._results.put(("down", str(exc)))
@@ -352,24 +399,53 @@ class RemoteCatalog(Catalog):
             for pattern in item[1]:
                 self.client.delete_matching(pattern)
 
+    def _list_chunks(self) -> frozenset[bytes]:
+        """The chunks of this namespace whose every rank's value the store lists (a listing replaces
+        the last one, so an object a lifecycle rule deleted drops out of it)."""
+        prefix = f"{self._prefix}{self.namespace_hex[:16]}-"
+        ranks: dict[bytes, set[str]] = {}
+        names = self.client.list_keys(prefix, MAX_LISTED * len(self.rank_tags))
+        if len(names) >= MAX_LISTED * len(self.rank_tags) and not self._warned_listing:
+            self._warned_listing = True
+            logger.warning(
+                "lmcache_connector: the remote tier %s lists over %d chunks of this model; the catalog "
+                "keeps the first %d and asks about the others",
+                self.client.url,
+                MAX_LISTED,
+                MAX_LISTED,
+            )
+        for name in names:
+            rank, _, key_hex = name[len(prefix) :].partition("-")
+            if rank in self.rank_tags and len(key_hex) == 32:
+                try:
+                    ranks.setdefault(bytes.fromhex(key_hex), set()).add(rank)
+                except ValueError:  # not a name this library wrote
+                    continue
+        return frozenset(key for key, held in ranks.items() if len(held) == len(self.rank_tags))
+
     def _resolve(self, questions: list[tuple[bytes, ...]]) -> dict[bytes, StoredChunk | None]:
-        """The chunk holding each asked block boundary (every rank's value present), or None."""
-        position: dict[bytes, int] = {}  # block fingerprint -> its index inside its chunk
-        for question in questions:
-            for i, fp in enumerate(question):
-                position.setdefault(fp, i)
-        fps = list(position)
-        entries = self.client.resolve_side_keys([self._entry_key(fp) for fp in fps])
-        named: dict[bytes, StoredChunk | None] = {}
-        for fp, raw in zip(fps, entries, strict=True):
+        """The chunk holding each asked block boundary (every rank's value present), or None.
+
+        A question is one chunk's worth of a prompt's block fingerprints, from a chunk boundary.
+        The candidates for it: the chunks named by the entries under its boundaries (all of them,
+        or the first: the client's ``entry_every_block``), and the chunk the question itself would
+        be (its value is asked for directly, so an exact repeat is found even where another
+        continuation of the same first block overwrote that entry). Boundary *i* is held by a
+        candidate whose *i*-th fingerprint is the asked one (fingerprints chain, so every earlier
+        block agrees too) and whose every rank's value exists."""
+        every_block = self.client.entry_every_block
+        entry_fps = list(dict.fromkeys(fp for q in questions for fp in entry_fingerprints(q, every_block)))
+        raws = self.client.resolve_side_keys([self._entry_key(fp) for fp in entry_fps])
+        entries: dict[bytes, StoredChunk] = {}
+        for fp, raw in zip(entry_fps, raws, strict=True):
             decoded = decode_block_entry(raw) if raw is not None else None
-            i = position[fp]
-            if decoded is None or len(decoded[1]) <= i or decoded[1][i] != fp.hex():
-                named[fp] = None  # no entry, or one that does not describe this boundary
-                continue
-            key, block_fps = decoded
-            named[fp] = StoredChunk(bytes.fromhex(key), tuple(bytes.fromhex(b) for b in block_fps))
-        candidates = list({chunk.key: chunk for chunk in named.values() if chunk is not None}.values())
+            if decoded is not None:  # anything else (absent, planted, truncated) names nothing
+                key, block_fps = decoded
+                entries[fp] = StoredChunk(bytes.fromhex(key), tuple(bytes.fromhex(b) for b in block_fps))
+        # Per question, its candidates: the entry under a boundary before those under earlier ones
+        # (a later boundary's chunk covers more of the question), the question's own chunk last.
+        found = [[entries[fp] for fp in reversed(q) if fp in entries] + [StoredChunk(q[-1], q)] for q in questions]
+        candidates = list({chunk.key: chunk for chunks in found for chunk in chunks}.values())
         keys = [self._value_key(tag, chunk.key) for chunk in candidates for tag in self.rank_tags]
         exists = self.client.exists_many(keys)
         ranks = len(self.rank_tags)
@@ -378,4 +454,10 @@ class RemoteCatalog(Catalog):
             for i, chunk in enumerate(candidates)
             if all(exists[i * ranks : (i + 1) * ranks])  # a hit needs every rank's shard
         }
-        return {fp: (held.get(chunk.key) if chunk is not None else None) for fp, chunk in named.items()}
+        answers: dict[bytes, StoredChunk | None] = {}
+        for question, chunks in zip(questions, found, strict=True):
+            live = [held[chunk.key] for chunk in chunks if chunk.key in held]
+            for i, fp in enumerate(question):
+                if answers.get(fp) is None:
+                    answers[fp] = next((c for c in live if len(c.block_fps) > i and c.block_fps[i] == fp), None)
+        return answers

@@ -65,6 +65,10 @@ class RemoteClient(Protocol):
     # True when a failure may concern some keys only (one node of a cluster): the tier then treats
     # it as a miss of those keys instead of marking the whole store down.
     failures_are_partial: bool
+    # Where a chunk's block entry goes (:func:`entry_fingerprints`): True, under every block boundary
+    # (cheap where entries ride in the value's round trip: Redis); False, once under the chunk's
+    # first block (one request per entry: S3, lmcache_server).
+    entry_every_block: bool
 
     def ping(self) -> None:
         """Raise unless the store answers."""
@@ -103,6 +107,9 @@ class RemoteClient(Protocol):
     def memory(self) -> tuple[int, int]:
         """``(bytes used, bytes allowed)`` of the store, 0 where it cannot tell."""
 
+    # Optional, where a store lists cheaply (S3): ``list_keys(prefix, limit) -> list[str]``, the
+    # keys that start with ``prefix``, at most ``limit`` of them.
+
     def close(self) -> None: ...
 
 
@@ -117,6 +124,19 @@ def side_key(prefix: str, namespace_hex: str, rank: str, block_fp_hex: str) -> s
     Marked apart from value keys: a chunk's key is the fingerprint of its last block, so without the
     mark the last block's entry would overwrite the chunk's value."""
     return prefix + SIDE_KEY_MARK + storage_name(namespace_hex, rank, block_fp_hex)
+
+
+def entry_fingerprints(block_fps: Sequence[bytes], every_block: bool) -> Sequence[bytes]:
+    """The block boundaries under which a chunk's entry is written (and a lookup reads).
+
+    Every entry holds the whole chunk (its key and all its block fingerprints), so one entry is
+    enough to find a chunk from any prompt that shares its first block: the prompt's fingerprint at
+    block *i* matches the entry's *i*-th exactly when the two agree on every token up to there.
+    Entries under every boundary also find a chunk whose first-block entry was overwritten by
+    another continuation of the same prefix (the last writer wins that key); entries under the first
+    block only cost one request a chunk instead of one a block. Either way an entry is a hint: the
+    value's header is checked when it is read."""
+    return block_fps if every_block else block_fps[:1]
 
 
 def served(url: RemoteUrl | None) -> bool:

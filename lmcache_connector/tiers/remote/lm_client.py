@@ -242,6 +242,9 @@ class LMServerClient:
     thread-safe (a pool of connections, one request at a time on each)."""
 
     failures_are_partial = False  # one server: a failure is the whole store's
+    # One entry a chunk: each is a request, read back one round trip at a time, and held forever in
+    # a server without a memory bound.
+    entry_every_block = False
 
     def __init__(self, url: RemoteUrl, options: LMOptions):
         if url.kind != "lm":

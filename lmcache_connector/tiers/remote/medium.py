@@ -59,6 +59,7 @@ class RemoteMedium(Medium):
             lookup_timeout_s=config.remote_lookup_timeout_ms / 1000,
             ttl_secs=config.remote_ttl_secs,
             start_up=up,
+            list_interval_s=config.s3_list_interval_secs,
         )
 
     def store(self, config, geometry, rank: str, chunk_shape) -> Store | None:

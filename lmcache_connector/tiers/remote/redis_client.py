@@ -148,6 +148,7 @@ class RedisClient:
         self.options = options
         self.key_prefix = options.key_prefix
         self.failures_are_partial = self._cluster  # a dead node costs its own keys only
+        self.entry_every_block = True  # entries ride in the value's pipeline: one under every block
         self._password_source = password_source
 
     def __repr__(self) -> str:

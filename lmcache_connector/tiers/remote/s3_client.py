@@ -13,17 +13,20 @@ wildcard DNS; virtual-hosted, ``https://BUCKET.s3.amazonaws.com/KEY``, on AWS), 
 ``virtual``.
 
 Objects: the tier's key (``value_key`` / ``side_key``, ``lmc:`` prefix included) behind the URL's
-prefix, ``PREFIX/lmc:<namespace16>-tp0pp0-<chunk key>``; a value is one object, and each block
-entry is a small object of its own holding the entry text. Operations:
+prefix, ``PREFIX/lmc:<namespace16>-tp0pp0-<chunk key>``; a value is one object, and a chunk's block
+entry is one small object of its own, under the chunk's first block (``entry_every_block`` is
+False: :func:`~.client.entry_fingerprints`). Operations:
 
   exists_many(keys)            concurrent HEADs (at most ``CONCURRENCY`` at once)
   put(key, value, side_keys)   the value's PUT, then the entries' PUTs (concurrent), so an entry
                                never names a value that is not there yet
+  put_many(items)              ``put`` of up to ``CONCURRENCY`` values at once
   get(key)                     GET; ``None`` when there is no such object
   resolve_side_keys(keys)      concurrent GETs of the entries (each read only up to an entry's
                                largest size: a planted large object costs nothing)
   delete_many(keys)            DeleteObjects, 1,000 keys a request
   delete_matching(pattern)     ListObjectsV2 on the pattern's literal start, then DeleteObjects
+  list_keys(prefix, limit)     ListObjectsV2 (``LMCACHE_S3_LIST_INTERVAL_SECS``: the catalog's listing)
   expire_many(keys, ttl)       nothing: S3 has no TTL; a bucket lifecycle rule expires objects,
                                and an expired object is a miss like an evicted Redis key
   memory()                     ``(0, 0)``: a bucket has no size bound to report
@@ -52,7 +55,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-from lmcache_connector.tiers.remote.client import PutItem, RemoteAuthError, RemoteUnavailableError, put_each
+from lmcache_connector.tiers.remote.client import PutItem, RemoteAuthError, RemoteUnavailableError
 from lmcache_connector.tiers.remote.value import MAX_ENTRY_BLOCKS
 from lmcache_connector.urls import RemoteUrl
 
@@ -165,6 +168,7 @@ class S3Client:
     boto3 clients are, and the pool of request threads is shared under a lock)."""
 
     failures_are_partial = False  # one endpoint: a failure means the store, not some keys
+    entry_every_block = False  # every entry is a request of its own: one a chunk
 
     def __init__(
         self,
@@ -218,14 +222,14 @@ class S3Client:
     ) -> None:
         """Write the value, then the block entries (each holding ``side_value``, by default the
         value's key). ``ttl`` is ignored: objects expire by the bucket's lifecycle rules."""
-        body = value if isinstance(value, bytes) else bytes(value)  # botocore sends bytes, not views
-        with self._errors("PutObject"):
-            self._s3.put_object(Bucket=self.bucket, Key=self._name(key), Body=body)
+        self._put_value(key, value)
         entry = (key if side_value is None else side_value).encode()
         self._each(lambda side: self._put_small(side, entry), side_keys)
 
     def put_many(self, items: Sequence[PutItem], ttl: int | None = None) -> None:
-        put_each(self, items, ttl)  # one object (one request) per value: nothing to batch
+        """Several values, up to ``concurrency`` at once (S3 takes one object a request; requests in
+        parallel keep the connection pool and the store busy), each value before its entries."""
+        self._each(self._put_item, items)
 
     def get(self, key: str) -> bytes | None:
         """The value, or ``None`` when there is no such object (never written, or expired by a rule)."""
@@ -279,6 +283,20 @@ class S3Client:
             removed += self._delete_names(found)
         return removed
 
+    def list_keys(self, prefix: str, limit: int) -> list[str]:
+        """The tier keys starting with ``prefix`` (ListObjectsV2, 1,000 names a request), at most
+        ``limit`` of them: what the catalog's periodic listing learns the bucket's chunks from."""
+        keys: list[str] = []
+        with self._errors("ListObjectsV2"):
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.object_prefix + prefix
+            )
+            for page in pages:
+                keys.extend(item["Key"][len(self.object_prefix) :] for item in page.get("Contents", ()))
+                if len(keys) >= limit:
+                    return keys[:limit]
+        return keys
+
     def memory(self) -> tuple[int, int]:
         """``(0, 0)``: a bucket reports no size cheaply and has no bound (lifecycle rules keep it in check)."""
         return 0, 0
@@ -305,6 +323,18 @@ class S3Client:
                     return False
                 raise
         return True
+
+    def _put_value(self, key: str, value: bytes | memoryview) -> None:
+        body = value if isinstance(value, bytes) else bytes(value)  # botocore sends bytes, not views
+        with self._errors("PutObject"):
+            self._s3.put_object(Bucket=self.bucket, Key=self._name(key), Body=body)
+
+    def _put_item(self, item: PutItem) -> None:
+        """One value, then its entries one after another (this runs on a pool thread already)."""
+        self._put_value(item.key, item.value)
+        entry = (item.key if item.side_value is None else item.side_value).encode()
+        for side in item.side_keys:
+            self._put_small(side, entry)
 
     def _put_small(self, key: str, body: bytes) -> None:
         with self._errors("PutObject"):

@@ -30,7 +30,14 @@ from collections.abc import Callable, Sequence
 
 from lmcache_connector.tiers.base import ChunkMiss, Store, WriteResult
 from lmcache_connector.tiers.remote.catalog import ENTRY_RANK
-from lmcache_connector.tiers.remote.client import PutItem, RemoteClient, RemoteError, side_key, value_key
+from lmcache_connector.tiers.remote.client import (
+    PutItem,
+    RemoteClient,
+    RemoteError,
+    entry_fingerprints,
+    side_key,
+    value_key,
+)
 from lmcache_connector.tiers.remote.value import (
     RemoteValueError,
     ValueHeader,
@@ -181,7 +188,11 @@ class RemoteStore(Store):
                 logger.warning("Writing chunk %s to the remote tier failed: %s", key.hex()[:12], exc)
                 self._finish(WriteResult(job_id, False))
                 continue
-            entries = [self._entry_key(fp) for fp in block_fps] if self.rank == ENTRY_RANK else []
+            entries = (
+                [self._entry_key(fp) for fp in entry_fingerprints(block_fps, self.client.entry_every_block)]
+                if self.rank == ENTRY_RANK
+                else []
+            )
             entry = encode_block_entry(key.hex(), [fp.hex() for fp in block_fps])
             items.append(PutItem(self._value_key(key), value, entries, entry))
             sent.append((job_id, header.nbytes))
