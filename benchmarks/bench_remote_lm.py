@@ -6,10 +6,11 @@ serves the whole run. Chunks of the bench model (``bench_remote.py``): 4 MiB eac
 chunk-buffer shape (8 regions x 8 blocks x 64 KiB rows, random bytes, each chunk its own buffer).
 
 * ``store``: ``RemoteStore.submit_write`` of every chunk, then ``flush``: per batch of 8 an EXIST
-  per chunk, then per chunk the header and xxh3 checksum, one PUT of the value, a PUT per block
-  entry, and the HEALTH round trip that confirms them.
+  per chunk, then per chunk the header and xxh3 checksum, one PUT of the value, one PUT of its
+  block entry (under the chunk's first block), and the HEALTH round trip that confirms them.
 * ``load``: ``RemoteStore.read_into`` of every chunk, one at a time (the executor's fill thread):
-  one GET, header check, checksum, copy into a preallocated buffer per chunk.
+  one GET read straight into a preallocated buffer per chunk (``get_into``: the header checked
+  before the chunk's bytes are read, the checksum computed as they land).
 * ceilings, same server, same run, the same bytes: a plain socket speaking the framing, with
   TCP_NODELAY. ``raw_put``: one PUT per chunk (header, then the chunk's buffer, uncopied), then
   one HEALTH round trip so the time includes the server storing them. ``raw_get``: per chunk a GET

@@ -10,8 +10,8 @@ test failure that says how to get it, never a skip.
   lm_server(folder, port=None)   the real server; ``kill()`` / ``start()`` for restart tests,
                                  ``pause()`` / ``resume()`` (SIGSTOP / SIGCONT) for a hung one
   silent_server()                accepts connections, reads nothing, answers nothing
-  half_body_server(body)         answers one GET with a 200 header promising more bytes than it sends,
-                                 then closes that connection; every later connection gets a miss
+  half_body_server(value)        answers one GET with a 200 header for the whole value, sends half of
+                                 it, then closes that connection; every later connection gets a miss
   unconfirming_server()          takes PUTs, then closes without answering the HEALTH that confirms them
 """
 
@@ -232,10 +232,11 @@ def silent_server() -> Iterator[FakeServer]:
 
 
 @contextmanager
-def half_body_server(body: bytes) -> Iterator[FakeServer]:
-    """The first connection's first GET gets a 200 header for ``2 * len(body)`` bytes, then ``body``,
-    then the connection closes (a server killed mid-GET). Later connections: an empty server."""
-    with _empty_server(first_get=lambda conn: conn.sendall(response(200, 2 * len(body)) + body)) as server:
+def half_body_server(value: bytes) -> Iterator[FakeServer]:
+    """The first connection's first GET gets a 200 header for all of ``value``, then its first
+    half, then the connection closes (a server killed mid-GET). Later connections: an empty server."""
+    half = value[: len(value) // 2]
+    with _empty_server(first_get=lambda conn: conn.sendall(response(200, len(value)) + half)) as server:
         yield server
 
 

@@ -294,7 +294,8 @@ def test_a_server_killed_mid_get_is_a_failed_call_and_the_next_request_works():
 
 def test_through_the_store_a_server_killed_mid_get_is_a_miss_and_reads_resume():
     prompt = fps("mid-get", BPC)
-    with ls.half_body_server(b"x" * 5000) as dying:
+    header = ValueHeader(NS, "tp0pp0", prompt[-1].hex(), tuple(fp.hex() for fp in prompt), shape(BPC))
+    with ls.half_body_server(encode_value_bytes(header, [memoryview(payload(BPC, 1))])) as dying:
         store = RemoteStore(connect(dying.url, socket_timeout_secs=TIMEOUT), NS, "tp0pp0", shape)
         into = [memoryview(bytearray(2 * BPC * ROW))]
         with pytest.raises(ChunkMiss) as miss:
@@ -357,6 +358,13 @@ def test_a_value_that_is_not_this_chunk_is_a_counted_miss(server, planted):
         store.read_into(prompt[-1], prompt, [memoryview(into)])
     assert miss.value.gone
     assert store.take_counts() == {"bad_values.remote": 1}
+    # The bad value was abandoned mid-stream (its header said enough): the stream is not misframed.
+    good = fps(f"good-after-{planted}", BPC)
+    data = payload(BPC, 2)
+    store.submit_write(1, good[-1], good, [memoryview(data)])
+    assert store.flush(5)
+    store.read_into(good[-1], good, [memoryview(into)])
+    assert bytes(into) == data
     store.close(1)
 
 

@@ -107,6 +107,10 @@ class RemoteClient(Protocol):
     def memory(self) -> tuple[int, int]:
         """``(bytes used, bytes allowed)`` of the store, 0 where it cannot tell."""
 
+    # Optional, where a client can read a value into the caller's buffers as it arrives
+    # (lmcache_server): ``get_into(key, expect, regions) -> bool``, :func:`~.value.receive_value`
+    # over the value; False when there is none; raises a :class:`~.value.RemoteValueError` for a
+    # value that is not ``expect``'s chunk.
     # Optional, where a store lists cheaply (S3): ``list_keys(prefix, limit) -> list[str]``, the
     # keys that start with ``prefix``, at most ``limit`` of them.
 

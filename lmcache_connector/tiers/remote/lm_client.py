@@ -49,6 +49,10 @@ Promises:
   read as the answer to another request. An idle pooled connection is checked before reuse (a
   restarted server closed it); a call that finds the server gone reconnects, with a short
   back-off after a failed connect;
+* ``get_into`` reads a value straight into the caller's buffers (the chunk's memory slot), its
+  header checked before any of the chunk's bytes are read and its checksum computed as they land:
+  no buffer of the whole value is allocated and nothing is copied twice (a fresh 4 MiB buffer
+  costs its page faults on every read);
 * ``put`` ends with a HEALTH on the same connection: the server handles one connection's requests
   in order, so its answer means the PUTs before it were stored. The answer is read before this
   client's next request (or at :meth:`~LMServerClient.close`), not by ``put`` itself: a writer
@@ -84,6 +88,7 @@ from lmcache_connector.tiers.remote.client import (  # noqa: F401 (the contract'
     side_key,
     value_key,
 )
+from lmcache_connector.tiers.remote.value import ValueHeader, receive_value
 from lmcache_connector.urls import RemoteUrl
 
 if TYPE_CHECKING:
@@ -353,6 +358,23 @@ class LMServerClient:
             return conn.body(length, deadline) if code == OK else None
 
         return self._call("GET", fetch)  # type: ignore[return-value]  # bytearray: bytes-like
+
+    def get_into(self, key: str, expect: ValueHeader, regions: Sequence[memoryview]) -> bool:
+        """Read the value straight into ``regions`` (:func:`~.value.receive_value`: the header
+        checked first, the bytes hashed as they land); ``False`` when the server has none. A value
+        that is not ``expect``'s chunk raises its :class:`~.value.RemoteValueError` and the
+        connection is dropped (the rest of the value is never read), so nothing is misframed."""
+        frame = _request(GET, lm_key(key))
+
+        def fetch(conn: _Connection, deadline: float) -> bool:
+            conn.send(frame, deadline)
+            code, length = conn.response(deadline)
+            if code != OK:
+                return False
+            receive_value(length, lambda view: conn.recv_into(view, deadline), expect, regions)
+            return True
+
+        return self._call("GET", fetch)
 
     def resolve_side_keys(self, keys: Sequence[str]) -> list[str | None]:
         """What each block entry holds, or ``None`` where there is none (or it is not text): one GET

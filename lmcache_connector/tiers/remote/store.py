@@ -101,19 +101,25 @@ class RemoteStore(Store):
         if self._is_down():
             raise ChunkMiss(f"the remote tier is down ({self._down_reason})", gone=False)
         expect = self._header(key, block_fps)
+        get_into = getattr(self.client, "get_into", None)
         try:
-            data = self.client.get(self._value_key(key))
+            if get_into is not None:  # straight into the slot, checked as it arrives
+                found = get_into(self._value_key(key), expect, regions)
+            else:
+                data = self.client.get(self._value_key(key))
+                found = data is not None
+                if found:
+                    decode_value(data, expect, regions)
         except RemoteError as exc:
             self._failed(exc)
             raise ChunkMiss(f"reading from the remote tier failed: {exc}", gone=False) from None
-        self._succeeded()
-        if data is None:
-            raise ChunkMiss("not in the remote store (evicted or expired)")
-        try:
-            decode_value(data, expect, regions)
         except RemoteValueError as exc:
+            self._succeeded()
             self._count("bad_values.remote")
             raise ChunkMiss(f"the remote value is not this chunk's ({type(exc).__name__}: {exc})") from None
+        self._succeeded()
+        if not found:
+            raise ChunkMiss("not in the remote store (evicted or expired)")
 
     def take_results(self) -> tuple[list[WriteResult], list[bytes]]:
         with self._lock:

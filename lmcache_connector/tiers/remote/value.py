@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -43,6 +44,7 @@ MAX_HEADER_BYTES = 1 << 20  # a chunk of 4,096 one-token blocks still fits (abou
 DTYPE = "U8"  # the chunk buffer is raw bytes; KV dtypes and layouts are in the namespace
 
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, reserved, header length
+PREFIX_BYTES = _PREFIX.size
 _PIECE = 1 << 20  # copy and hash in pieces that stay in the CPU cache between the two
 
 
@@ -135,10 +137,22 @@ def encode_value_into(header: ValueHeader, regions: Sequence[memoryview], buffer
 def read_header(data: bytes | memoryview) -> tuple[ValueHeader, int]:
     """The value's header and the offset of its bytes, checked for form and length (not checksum)."""
     view = _bytes_view(data)
-    if len(view) < _PREFIX.size:
+    offset = PREFIX_BYTES + header_length(view[:PREFIX_BYTES])
+    if len(view) < offset:
+        raise TruncatedValueError(f"{len(view)} bytes: the header alone needs {offset}")
+    header = _parse_header(bytes(view[PREFIX_BYTES:offset]))
+    _check_length(header, offset, len(view))
+    return header, offset
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """The length of the JSON header, from a value's first :data:`PREFIX_BYTES` bytes (fewer: the
+    value is truncated), checked: magic, version, bound."""
+    view = _bytes_view(prefix)
+    if len(view) < PREFIX_BYTES:
         if bytes(view[: len(MAGIC)]) != MAGIC[: len(view)]:
             raise ForeignValueError("not a lmcache_connector value (no magic)")
-        raise TruncatedValueError(f"{len(view)} bytes: shorter than the value's {_PREFIX.size}-byte prefix")
+        raise TruncatedValueError(f"{len(view)} bytes: shorter than the value's {PREFIX_BYTES}-byte prefix")
     magic, version, _reserved, length = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise ForeignValueError("not a lmcache_connector value (no magic)")
@@ -146,16 +160,7 @@ def read_header(data: bytes | memoryview) -> tuple[ValueHeader, int]:
         raise OtherVersionError(f"format version {version}, this reader knows {FORMAT_VERSION}")
     if length > MAX_HEADER_BYTES:
         raise CorruptValueError(f"header length {length} is over the bound of {MAX_HEADER_BYTES}")
-    offset = _PREFIX.size + length
-    if len(view) < offset:
-        raise TruncatedValueError(f"{len(view)} bytes: the header alone needs {offset}")
-    header = _parse_header(bytes(view[_PREFIX.size : offset]))
-    size = offset + header.nbytes
-    if len(view) < size:
-        raise TruncatedValueError(f"{len(view)} bytes: the value needs {size}")
-    if len(view) > size:
-        raise CorruptValueError(f"{len(view)} bytes: {len(view) - size} more than the header accounts for")
-    return header, offset
+    return length
 
 
 def decode_value(data: bytes | memoryview, expect: ValueHeader, regions: Sequence[memoryview]) -> ValueHeader:
@@ -166,18 +171,7 @@ def decode_value(data: bytes | memoryview, expect: ValueHeader, regions: Sequenc
     :class:`RemoteValueError`; after one, the buffers may hold part of the value and must not be used.
     """
     header, offset = read_header(data)
-    if (header.namespace, header.rank, header.key) != (expect.namespace, expect.rank, expect.key):
-        raise ForeignValueError(
-            f"the value is of chunk {header.namespace[:16]}-{header.rank}-{header.key}, "
-            f"not {expect.namespace[:16]}-{expect.rank}-{expect.key}"
-        )
-    if header.shape != tuple(expect.shape) or (expect.block_fps and header.block_fps != tuple(expect.block_fps)):
-        raise ForeignValueError(f"the value's shape {header.shape} or block fingerprints differ from the chunk's")
-    views = [_bytes_view(region) for region in regions]
-    room = sum(len(view) for view in views)
-    if room != header.nbytes:
-        raise ValueError(f"the buffers hold {room} bytes; the chunk has {header.nbytes}")
-
+    views = _check_expected(header, expect, regions)
     source = _bytes_view(data)[offset:]
     digest = xxhash.xxh3_64()
     position = 0
@@ -187,8 +181,37 @@ def decode_value(data: bytes | memoryview, expect: ValueHeader, regions: Sequenc
             view[start : start + len(piece)] = piece
             digest.update(piece)
             position += len(piece)
-    if "xxh3_64:" + digest.hexdigest() != header.checksum:
-        raise CorruptValueError("checksum mismatch: the value is corrupt")
+    _check_checksum(header, digest)
+    return header
+
+
+def receive_value(
+    length: int, read_exact: Callable[[memoryview], None], expect: ValueHeader, regions: Sequence[memoryview]
+) -> ValueHeader:
+    """:func:`decode_value` for a value still arriving: ``length`` bytes that ``read_exact(view)``
+    delivers in order, filling each view it is given. The header is read and checked first; the
+    chunk's bytes then go straight into ``regions`` (no buffer of the whole value, no second copy),
+    hashed piece by piece while they are in the CPU cache. Raises as :func:`decode_value`, possibly
+    before the value was read to its end: the caller must then drop the stream."""
+    if length < PREFIX_BYTES:
+        raise TruncatedValueError(f"{length} bytes: shorter than the value's {PREFIX_BYTES}-byte prefix")
+    prefix = bytearray(PREFIX_BYTES)
+    read_exact(memoryview(prefix))
+    offset = PREFIX_BYTES + header_length(prefix)
+    if length < offset:
+        raise TruncatedValueError(f"{length} bytes: the header alone needs {offset}")
+    raw = bytearray(offset - PREFIX_BYTES)
+    read_exact(memoryview(raw))
+    header = _parse_header(bytes(raw))
+    _check_length(header, offset, length)
+    views = _check_expected(header, expect, regions)
+    digest = xxhash.xxh3_64()
+    for view in views:
+        for start in range(0, len(view), _PIECE):
+            piece = view[start : start + _PIECE]
+            read_exact(piece)
+            digest.update(piece)
+    _check_checksum(header, digest)
     return header
 
 
@@ -223,6 +246,35 @@ def decode_block_entry(raw: str | bytes) -> tuple[str, tuple[str, ...]] | None:
 
 
 # ---------------------------------------------------------------- pieces
+
+
+def _check_length(header: ValueHeader, offset: int, length: int) -> None:
+    size = offset + header.nbytes
+    if length < size:
+        raise TruncatedValueError(f"{length} bytes: the value needs {size}")
+    if length > size:
+        raise CorruptValueError(f"{length} bytes: {length - size} more than the header accounts for")
+
+
+def _check_expected(header: ValueHeader, expect: ValueHeader, regions: Sequence[memoryview]) -> list[memoryview]:
+    """The regions as byte views, once the header is the chunk ``expect`` describes and fits them."""
+    if (header.namespace, header.rank, header.key) != (expect.namespace, expect.rank, expect.key):
+        raise ForeignValueError(
+            f"the value is of chunk {header.namespace[:16]}-{header.rank}-{header.key}, "
+            f"not {expect.namespace[:16]}-{expect.rank}-{expect.key}"
+        )
+    if header.shape != tuple(expect.shape) or (expect.block_fps and header.block_fps != tuple(expect.block_fps)):
+        raise ForeignValueError(f"the value's shape {header.shape} or block fingerprints differ from the chunk's")
+    views = [_bytes_view(region) for region in regions]
+    room = sum(len(view) for view in views)
+    if room != header.nbytes:
+        raise ValueError(f"the buffers hold {room} bytes; the chunk has {header.nbytes}")
+    return views
+
+
+def _check_checksum(header: ValueHeader, digest: Any) -> None:
+    if "xxh3_64:" + digest.hexdigest() != header.checksum:
+        raise CorruptValueError("checksum mismatch: the value is corrupt")
 
 
 def _bytes_view(buffer: bytes | bytearray | memoryview) -> memoryview:
