@@ -206,12 +206,14 @@ def warm_ttft(tmp: str, url: str, repeats: int, tokens: int) -> dict:
             samples.append(
                 {"ttft_s": seconds, "cached_tokens": cached, "remote_hit_tokens": remote_hit_tokens(b) - before}
             )
-    results["from_redis"] = samples
-    results["from_redis_s"] = statistics.median(s["ttft_s"] for s in samples)
-    results["ratio_to_prefix_hit"] = results["from_redis_s"] / results["vllm_prefix_hit_s"]
+    results["from_remote"] = samples
+    results["from_remote_s"] = statistics.median(s["ttft_s"] for s in samples)
+    results["ratio_to_prefix_hit"] = results["from_remote_s"] / results["vllm_prefix_hit_s"]
+    results["ratio_to_cold"] = results["from_remote_s"] / results["cold_s"]
     print(
-        f"  engine A cold, storing to Redis {results['ours_cold_storing_s']:.3f}s; engine B (new process) from Redis "
-        f"{results['from_redis_s']:.3f}s  cached tokens {[s['cached_tokens'] for s in samples]}  "
+        f"  engine A cold, storing to {url} {results['ours_cold_storing_s']:.3f}s; engine B (new process) from it "
+        f"{results['from_remote_s']:.3f}s ({results['ratio_to_prefix_hit']:.2f}x vLLM's hit, "
+        f"{results['ratio_to_cold']:.3f}x cold)  cached tokens {[s['cached_tokens'] for s in samples]}  "
         f"from the remote tier {[s['remote_hit_tokens'] for s in samples]}",
         flush=True,
     )
@@ -409,16 +411,16 @@ def main() -> None:
         ),
         (
             "warm TTFT from Redis",
-            f"{ttfts['from_redis_s']:.3f} s",
+            f"{ttfts['from_remote_s']:.3f} s",
             f"vLLM prefix hit {hit:.3f} s",
             f"{ttfts['ratio_to_prefix_hit']:.2f}x",
             "<= 2x",
         ),
         (
             "  (same, against cold)",
-            f"{ttfts['from_redis_s']:.3f} s",
+            f"{ttfts['from_remote_s']:.3f} s",
             f"cold prefill {ttfts['cold_s']:.3f} s",
-            f"{ttfts['from_redis_s'] / ttfts['cold_s']:.3f}x",
+            f"{ttfts['from_remote_s'] / ttfts['cold_s']:.3f}x",
             "",
         ),
         (

@@ -173,11 +173,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--ttft", action="store_true", help="also warm TTFT from lm:// (bench_remote.py's; minutes)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "remote_lm_cpu.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-lm-") as tmp, lm_servers.lm_server(Path(tmp)) as server:
         print(f"lmcache_server on port {server.port}; {args.chunks} chunks of {CHUNK_BYTES >> 20} MiB", flush=True)
         results = {"throughput": throughput(server.port, args.chunks, args.repeats)}
+        if args.ttft:
+            from bench_remote import warm_ttft
+
+            print("warm TTFT from lm:// (bench model, 4,000-token prompts)", flush=True)
+            results["warm_ttft"] = warm_ttft(tmp, f"lm://127.0.0.1:{server.port}", 3, 4000)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.out}")
 
