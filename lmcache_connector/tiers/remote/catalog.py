@@ -444,7 +444,9 @@ class RemoteCatalog(Catalog):
                 entries[fp] = StoredChunk(bytes.fromhex(key), tuple(bytes.fromhex(b) for b in block_fps))
         # Per question, its candidates: the entry under a boundary before those under earlier ones
         # (a later boundary's chunk covers more of the question), the question's own chunk last.
-        found = [[entries[fp] for fp in reversed(q) if fp in entries] + [StoredChunk(q[-1], q)] for q in questions]
+        found = [
+            _distinct([entries[fp] for fp in reversed(q) if fp in entries] + [StoredChunk(q[-1], q)]) for q in questions
+        ]
         candidates = list({chunk.key: chunk for chunks in found for chunk in chunks}.values())
         keys = [self._value_key(tag, chunk.key) for chunk in candidates for tag in self.rank_tags]
         exists = self.client.exists_many(keys)
@@ -461,3 +463,11 @@ class RemoteCatalog(Catalog):
                 if answers.get(fp) is None:
                     answers[fp] = next((c for c in live if len(c.block_fps) > i and c.block_fps[i] == fp), None)
         return answers
+
+
+def _distinct(chunks: list[StoredChunk]) -> list[StoredChunk]:
+    """Each chunk once (every block entry of a chunk names it), in first-seen order."""
+    seen: dict[bytes, StoredChunk] = {}
+    for chunk in chunks:
+        seen.setdefault(chunk.key, chunk)
+    return list(seen.values())
