@@ -16,6 +16,9 @@ here = Path(__file__).parent
 REDIS_EXTRA = ["redis>=5", "hiredis>=2"]
 # boto3 reads the endpoint from AWS_ENDPOINT_URL (the S3 tier's only way to name one) since 1.28.68.
 S3_EXTRA = ["boto3>=1.34"]
+# The custom-engine API (lmcache_connector.engine) reads and builds transformers' DynamicCache; the
+# vLLM connector never imports it. The range vLLM 0.32 pins starts at 5.16.1 (tested with 5.19).
+ENGINE_EXTRA = ["transformers>=5.16.1,<6"]
 
 version = re.search(r'__version__ = "([^"]+)"', (here / "lmcache_connector" / "_version.py").read_text()).group(1)
 
@@ -50,6 +53,7 @@ setup(
         "bench": ["pytest-benchmark>=5"],  # benchmarks/micro
         "redis": REDIS_EXTRA,
         "s3": S3_EXTRA,
+        "engine": ENGINE_EXTRA,
     },
     entry_points={"console_scripts": ["lmcache-connector=lmcache_connector.cli:main"]},
 )

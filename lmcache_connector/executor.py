@@ -125,6 +125,25 @@ class Executor:
             "".join(f", {name} tier" for name in stores),
         )
 
+    def replace_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Copy to and from a new KV cache from now on: a custom engine (:mod:`lmcache_connector.engine`)
+        grows its own between steps. A block's layout must stay the same (the pool's slots and the
+        tiers' chunks keep theirs); only the number of blocks may change. Stores still copying from
+        the old cache finish first, and are reported as usual."""
+        paged = PagedKV.from_layer_views(kv_caches)
+        if self.paged is None or self.disabled:
+            raise RuntimeError("replace_kv_caches before a successful register_kv_caches")
+        if paged.chunk_shape(1) != self.paged.chunk_shape(1) or paged.device != self.paged.device:
+            raise ValueError(
+                f"the new KV cache's blocks are {paged.chunk_shape(1)} on {paged.device}, "
+                f"not {self.paged.chunk_shape(1)} on {self.paged.device} like the registered one's"
+            )
+        self._stores_done(self.mover.wait_stores())
+        self.paged = paged
+        self.mover = make_block_mover(paged)
+        if paged.device.type == "cpu":
+            self._kv_prefault = populate_in_background(paged.storage)
+
     # ------------------------------------------------------------ loads
 
     def start_load_kv(self, plan: StepPlan) -> None:
@@ -342,15 +361,19 @@ class Executor:
         if self.disabled:
             self._report.worker_disabled = True
         else:
-            for store_id in self.mover.poll_stores():
-                self._report.stored[store_id] += 1
-                spec = self._write_jobs.pop(store_id, None)
-                if spec is not None:
-                    self._submit_writes(spec)
+            self._stores_done(self.mover.poll_stores())
         for name, store in self.stores.items():
             self._collect_write_results(name, store)
         report, self._report = self._report, WorkerReport()
         return report if report else None
+
+    def _stores_done(self, store_ids: list[int]) -> None:
+        """Stores whose bytes are complete: report them, and queue their writes behind memory."""
+        for store_id in store_ids:
+            self._report.stored[store_id] += 1
+            spec = self._write_jobs.pop(store_id, None)
+            if spec is not None:
+                self._submit_writes(spec)
 
     def _submit_writes(self, spec: StoreSpec) -> None:
         view = self.pool.slot(spec.slot, len(spec.block_ids))

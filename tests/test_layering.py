@@ -71,3 +71,12 @@ def test_the_core_knows_media_only_through_the_contract():
             if name.startswith("lmcache_connector.tiers.") and name not in ALLOWED_TIER_MODULES:
                 # The memory tier is the core's own; the lookup chain walks the contract.
                 assert name.startswith(("lmcache_connector.tiers.memory", "lmcache_connector.tiers.chain")), name
+
+
+def test_the_engine_api_uses_the_core_and_the_tier_contract_only():
+    """``engine/`` drives the planner and executor as the vLLM glue does: no vLLM, no glue, no medium's internals."""
+    for path in (PACKAGE / "engine").glob("*.py"):
+        for name in _imported_modules(path):
+            assert not name.startswith(("vllm", "lmcache_connector.connector")), f"engine/{path.name} imports {name}"
+            if name.startswith("lmcache_connector.tiers"):
+                assert name in ALLOWED_TIER_MODULES, f"engine/{path.name} imports {name}"
