@@ -45,6 +45,7 @@ setup(
             "pytest-timeout>=2.3",
             "requests>=2",
             "kubernetes-validate==1.37.0",
+            "jsonschema>=4.18",  # the KServe examples against KServe's CRD schemas (tests/kserve_schemas.py)
             "ruff==0.17.6",
             *REDIS_EXTRA,
             *S3_EXTRA,

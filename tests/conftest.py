@@ -6,7 +6,8 @@ through module-scoped fixtures built with ``vllm_support.start_engine``.
 Kinds, by module, so a new test needs no marker of its own:
   engine  starts real vLLM engines: ``test_vllm_*.py``, ``test_server_e2e.py``, and any module that
           imports ``start_engine`` or ``EngineProcess``;
-  helm    runs a real ``helm``: ``test_helm_*.py``, and any module that imports ``helm_tools``;
+  helm    runs a real ``helm``, or checks deployment manifests: ``test_helm_*.py``, ``test_kserve_*.py``
+          (the KServe examples against KServe's CRDs), and any module that imports ``helm_tools``;
   slow    neither, but seconds per test for a reason of its own (below);
   unit    everything else: the fast loop, ``scripts/test.sh -m unit``.
 A marker a test sets itself among these wins. ``gpu`` is independent of the kind.
@@ -21,7 +22,7 @@ import pytest
 
 KINDS = ("unit", "engine", "helm", "slow")
 ENGINE_MODULES = ("test_vllm_*.py", "test_server_e2e.py")
-HELM_MODULES = ("test_helm_*.py",)
+HELM_MODULES = ("test_helm_*.py", "test_kserve_*.py")
 # No engine, but slow by design; not weakened to fit the unit loop.
 SLOW_MODULES = {
     "test_sim_random.py": "randomized runs of hundreds of steps on vLLM's real scheduler",

@@ -172,6 +172,38 @@ def resolved_env(container_spec: dict[str, Any], pod_ip: str) -> dict[str, str]:
     return env
 
 
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """``$(VAR)`` in a container's command or args, expanded from its environment as the kubelet does."""
+    return _REFERENCE.sub(lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def load_pod_config(env: Mapping[str, str], scratch: Path):
+    """The connector's configuration from a rendered pod environment, as the library loads it.
+
+    Files the pod reads from mounted Secrets (``LMCACHE_*_FILE``) do not exist here: while loading,
+    each is stood in for by an empty file under ``scratch``, and the result names the in-pod paths again.
+    """
+    import dataclasses
+
+    from lmcache_connector.config import ENV_PREFIX, load_config
+
+    stand_ins: dict[str, str] = {}
+    local = dict(env)
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and name.endswith("_FILE"):
+            stand_in = scratch / name.lower()
+            stand_in.write_text("")
+            stand_ins[str(stand_in)] = value
+            local[name] = str(stand_in)
+    config = load_config(env=local)
+    in_pod = {
+        field.name: stand_ins[getattr(config, field.name)]
+        for field in dataclasses.fields(config)
+        if getattr(config, field.name) in stand_ins
+    }
+    return dataclasses.replace(config, **in_pod)
+
+
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Leaf values by dotted path ("deployment.image.tag"); lists and empty maps are leaves."""
     leaves: dict[str, Any] = {}

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lmcache_connector._version import __version__
-from lmcache_connector.config import LMCacheConfig, load_config
+from lmcache_connector.config import LMCacheConfig
 
 CI = ht.CHART / "ci"
 CI_FILES = sorted(CI.glob("*-values.yaml"))
@@ -24,6 +24,9 @@ RENDERINGS = ["defaults"] + [p.name for p in CI_FILES]
 FULLNAME = ht.RELEASE  # the release name contains the chart name, so it is the object prefix
 POD_IP = "10.1.2.3"
 GiB = 1024**3
+REDIS_URL = f"redis://{FULLNAME}-redis:6379"
+PASSWORD_FILE = "/etc/lmcache/remote-password/password"  # where the pod mounts the remote store's password
+SENTINELS = ",".join(f"redis-node-{i}.redis-headless.cache.svc:26379" for i in range(3))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,9 @@ def test_ci_values_cover_the_documented_scenarios():
         "redis-p2p-values.yaml",
         "ingress-autoscaling-values.yaml",
         "prebuilt-image-values.yaml",
+        "redis-shared-values.yaml",
+        "external-sentinel-values.yaml",
+        "kv-events-values.yaml",
     } <= names
 
 
@@ -271,16 +277,25 @@ def test_values_that_become_variables_are_strings_in_values_yaml():
         ("disk-pvc-values.yaml", LMCacheConfig(
             max_local_cpu_size=2.0, local_disk="/data/lmcache", max_local_disk_size=40.0)),
         ("redis-p2p-values.yaml", LMCacheConfig(
-            max_local_cpu_size=3.0, remote_url=f"redis://{FULLNAME}-redis:6379", enable_p2p=True,
-            lookup_url=f"redis://{FULLNAME}-redis:6379", distributed_url=f"{POD_IP}:8200")),
+            max_local_cpu_size=3.0, remote_url=REDIS_URL, remote_password_file=PASSWORD_FILE, enable_p2p=True,
+            lookup_url=REDIS_URL, distributed_url=f"{POD_IP}:8200")),
         ("ingress-autoscaling-values.yaml", LMCacheConfig(
             max_local_cpu_size=20.0)),
+        ("redis-shared-values.yaml", LMCacheConfig(
+            max_local_cpu_size=3.0, remote_url=REDIS_URL, remote_password_file=PASSWORD_FILE, lookup_url=REDIS_URL)),
+        ("external-sentinel-values.yaml", LMCacheConfig(
+            max_local_cpu_size=10.0, remote_url=f"redis-sentinel://{SENTINELS}/mymaster",
+            remote_password_file=PASSWORD_FILE,
+            remote_sentinel_password_file="/etc/lmcache/remote-sentinel-password/password",
+            remote_tls=True, remote_tls_ca_file="/etc/lmcache/remote-tls/ca.crt", remote_key_prefix="chat-prod:lmc:")),
+        ("kv-events-values.yaml", LMCacheConfig(
+            max_local_cpu_size=8.0)),
     ],
 )  # fmt: skip
-def test_the_library_reads_the_configuration_the_values_describe(rendered, values, expected, caplog):
+def test_the_library_reads_the_configuration_the_values_describe(rendered, values, expected, caplog, tmp_path):
     """The chart and the library agree: the pod's environment loads, with no unknown variable."""
     with caplog.at_level(logging.WARNING, logger="lmcache_connector"):
-        config = load_config(env=env_of(rendered[values]))
+        config = ht.load_pod_config(env_of(rendered[values]), tmp_path)
     assert config == expected
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 
@@ -393,7 +408,7 @@ def test_chart_redis_is_the_remote_tier_and_the_lookup_registry(rendered):
     redis = ht.container(ht.one(objs, "Deployment", f"{FULLNAME}-redis"), "redis")
     assert redis["args"][redis["args"].index("--maxmemory") + 1] == "2gb"
     env = env_of(objs)
-    assert env["LMCACHE_REMOTE_URL"] == env["LMCACHE_LOOKUP_URL"] == f"redis://{FULLNAME}-redis:6379"
+    assert env["LMCACHE_REMOTE_URL"] == env["LMCACHE_LOOKUP_URL"] == REDIS_URL
 
 
 def test_explicit_urls_win_over_the_chart_redis(helm):

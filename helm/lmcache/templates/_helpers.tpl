@@ -59,6 +59,26 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "redis://%s:6379" (include "lmcache.redis.fullname" .) }}
 {{- end }}
 
+{{/*
+The Secret and key that hold the chart Redis's password, as JSON {secretName, key}: redis.auth.existingSecret,
+or the Secret the chart generates (redis-secret.yaml). Empty when redis.auth is off.
+*/}}
+{{- define "lmcache.redis.passwordSecret" -}}
+{{- $auth := .Values.redis.auth }}
+{{- if $auth.enabled }}
+{{- if $auth.existingSecret }}
+{{- dict "secretName" $auth.existingSecret "key" $auth.existingSecretKey | toJson }}
+{{- else }}
+{{- dict "secretName" (include "lmcache.redis.fullname" .) "key" "password" | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* How many vLLM pods run at least: replicaCount, or the HPA's minReplicas. */}}
+{{- define "lmcache.minReplicas" -}}
+{{- if .Values.autoscaling.enabled }}{{ .Values.autoscaling.minReplicas }}{{ else }}{{ .Values.deployment.replicaCount }}{{ end }}
+{{- end }}
+
 {{/* The ServiceAccount the vLLM pods run as. */}}
 {{- define "lmcache.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}

@@ -11,14 +11,38 @@ the values involved and the fix. Included once, from deployment.yaml.
 {{- fail (printf "autoscaling.minReplicas (%d) is greater than autoscaling.maxReplicas (%d): set minReplicas <= maxReplicas" (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- end }}
 
-{{- /* The CPU tier is allocated up front, inside the container's memory limit, beside vLLM itself. */}}
+{{- /* The CPU tier is allocated up front by every vLLM worker process (one per tensor- and pipeline-parallel */}}
+{{- /* rank), inside the container's memory limit, beside /dev/shm (memory-backed) and vLLM itself. */}}
 {{- /* Empty means the library's default size, 5.0 GB, which must fit just the same. */}}
+{{- $workers := mul (int $v.deployment.tensorParallelSize) (int $v.deployment.pipelineParallelSize) }}
 {{- $memoryLimit := dig "limits" "memory" "" $v.deployment.resources }}
 {{- $cpuTier := default "5.0" $lm.maxLocalCpuSize }}
 {{- if and (include "lmcache.isTrue" $lm.localCpu) $memoryLimit }}
 {{- $limitGiB := include "lmcache.quantityToGiB" $memoryLimit | float64 }}
-{{- if ge (float64 $cpuTier) $limitGiB }}
-{{- fail (printf "lmcache.maxLocalCpuSize (%s GB) is not below deployment.resources.limits.memory (%s): the CPU cache tier lives inside the container's memory limit and vLLM needs room beside it; lower maxLocalCpuSize to at most the limit minus about 4 GiB minus deployment.shmSize, or raise the limit" $cpuTier (toString $memoryLimit)) }}
+{{- $shmGiB := include "lmcache.quantityToGiB" $v.deployment.shmSize | float64 }}
+{{- $usedGiB := addf (mulf (float64 $cpuTier) (float64 $workers)) $shmGiB }}
+{{- if ge $usedGiB $limitGiB }}
+{{- fail (printf "lmcache.maxLocalCpuSize (%s GB) is not below deployment.resources.limits.memory (%s) with room for the rest: each of the %d vLLM workers (deployment.tensorParallelSize x pipelineParallelSize) allocates its own CPU tier, so %d x %s GB plus deployment.shmSize (%s) is %.1f GiB; lower maxLocalCpuSize to at most (the limit - deployment.shmSize - about 4 GiB for vLLM) / %d, or raise the limit" $cpuTier (toString $memoryLimit) $workers $workers $cpuTier (toString $v.deployment.shmSize) $usedGiB $workers) }}
+{{- end }}
+{{- end }}
+
+{{- /* vLLM needs one GPU per worker; the device plugin would otherwise leave the pod Pending or vLLM fail late. */}}
+{{- $gpus := index (default dict $v.deployment.resources.limits) "nvidia.com/gpu" }}
+{{- if and $gpus (lt (int (toString $gpus)) $workers) }}
+{{- fail (printf "deployment.resources.limits.nvidia.com/gpu (%s) is fewer than the %d GPUs deployment.tensorParallelSize x pipelineParallelSize needs: raise the GPU request and limit to %d" (toString $gpus) $workers $workers) }}
+{{- end }}
+
+{{- /* Flags the chart sets itself: given again in extraArgs, vLLM would take one silently. */}}
+{{- $owned := dict "--kv-transfer-config" "lmcache.kvRole (the chart passes this connector)" "--kv_transfer_config" "lmcache.kvRole (the chart passes this connector)" "--tensor-parallel-size" "deployment.tensorParallelSize" "-tp" "deployment.tensorParallelSize" "--pipeline-parallel-size" "deployment.pipelineParallelSize" "-pp" "deployment.pipelineParallelSize" }}
+{{- if $v.kvEvents.enabled }}
+{{- $_ := set $owned "--kv-events-config" "kvEvents.endpoint and kvEvents.topicModel" }}
+{{- $_ := set $owned "--prefix-caching-hash-algo" "kvEvents.hashAlgo" }}
+{{- $_ := set $owned "--block-size" "kvEvents.blockSize" }}
+{{- end }}
+{{- range $v.deployment.extraArgs }}
+{{- $flag := regexReplaceAll "=.*$" . "" }}
+{{- if hasKey $owned $flag }}
+{{- fail (printf "deployment.extraArgs has %s, which the chart sets from %s: set it there instead" $flag (get $owned $flag)) }}
 {{- end }}
 {{- end }}
 
@@ -45,6 +69,51 @@ the values involved and the fix. Included once, from deployment.yaml.
 {{- fail "persistence.enabled is true but lmcache.localDisk is empty, so the volume would not be used: set lmcache.localDisk (e.g. \"file:///data/lmcache\") or disable persistence" }}
 {{- end }}
 
+{{- /* The remote tier: credentials come from Secrets, and every secret names a tier that uses it. */}}
+{{- $s := $v.remoteSecrets }}
+{{- if regexMatch "^[a-z-]+://[^/@]*:[^/@]*@" $lm.remoteUrl }}
+{{- fail "lmcache.remoteUrl carries a password (USER:PASSWORD@): values are not secret; put the password in a Secret and name it in remoteSecrets.password (the connector reads it as LMCACHE_REMOTE_PASSWORD_FILE)" }}
+{{- end }}
+{{- if and (not $lm.remoteUrl) (not $v.redis.enabled) (or $s.password.secretName $s.sentinelPassword.secretName $s.tls.secretName) }}
+{{- fail "remoteSecrets names a Secret but there is no remote tier: set lmcache.remoteUrl (or redis.enabled=true), or remove the Secret" }}
+{{- end }}
+{{- if and $s.password.secretName $v.redis.enabled (not $lm.remoteUrl) }}
+{{- fail "remoteSecrets.password is set but the remote tier is the chart's Redis, which has its own password (redis.auth.existingSecret): remove remoteSecrets.password, or set lmcache.remoteUrl to your own store" }}
+{{- end }}
+{{- $sentinel := hasPrefix "redis-sentinel://" $lm.remoteUrl }}
+{{- if and $s.sentinelPassword.secretName (not $sentinel) }}
+{{- fail "remoteSecrets.sentinelPassword is set but lmcache.remoteUrl is not redis-sentinel://: the Sentinels' password is for Sentinel only" }}
+{{- end }}
+{{- if and $lm.remoteServiceName (not $sentinel) }}
+{{- fail "lmcache.remoteServiceName is set but lmcache.remoteUrl is not redis-sentinel://: a service name is for Sentinel only" }}
+{{- end }}
+{{- if ne (empty $s.tls.certKey) (empty $s.tls.keyKey) }}
+{{- fail "remoteSecrets.tls.certKey and remoteSecrets.tls.keyKey go together: a client certificate needs its key; set both or neither" }}
+{{- end }}
+
+{{- /* The chart's Redis: a cache that fits its container, evicts on its own, and fits its claim. */}}
+{{- $r := $v.redis }}
+{{- if $r.enabled }}
+{{- $maxMemoryGiB := include "lmcache.redisSizeToGiB" $r.maxMemory | float64 }}
+{{- $redisLimit := dig "limits" "memory" "" $r.resources }}
+{{- if and $redisLimit (ge $maxMemoryGiB (include "lmcache.quantityToGiB" $redisLimit | float64)) }}
+{{- fail (printf "redis.maxMemory (%s) is not below redis.resources.limits.memory (%s): Redis would be OOM-killed before it evicts; lower maxMemory or raise the limit (about 1.5x maxMemory, 2x with persistence)" $r.maxMemory (toString $redisLimit)) }}
+{{- end }}
+{{- if and $r.persistence.enabled (not $r.persistence.existingClaim) }}
+{{- if lt (include "lmcache.quantityToGiB" $r.persistence.size | float64) (mulf 2.0 $maxMemoryGiB) }}
+{{- fail (printf "redis.persistence.size (%s) is less than twice redis.maxMemory (%s): a snapshot is written beside the previous one before it replaces it; enlarge the claim or lower maxMemory" (toString $r.persistence.size) $r.maxMemory) }}
+{{- end }}
+{{- end }}
+{{- if and (hasPrefix "volatile-" $r.maxMemoryPolicy) (not $lm.remoteTtlSecs) (not $lm.remoteUrl) }}
+{{- fail (printf "redis.maxMemoryPolicy is %s but lmcache.remoteTtlSecs is empty: volatile policies evict only keys with an expiry, and the connector sets none without it, so Redis would fill up and refuse writes; set remoteTtlSecs or use allkeys-lru" $r.maxMemoryPolicy) }}
+{{- end }}
+{{- end }}
+
+{{- /* KV events: vLLM stores chunks as whole blocks, so the chunk must be a whole number of them. */}}
+{{- if and $v.kvEvents.enabled (ne (mod (int $lm.chunkSize) (int $v.kvEvents.blockSize)) 0) }}
+{{- fail (printf "lmcache.chunkSize (%s) is not a multiple of kvEvents.blockSize (%d, vLLM's --block-size): choose a chunk size such as %d" $lm.chunkSize (int $v.kvEvents.blockSize) (mul 4 (int $v.kvEvents.blockSize))) }}
+{{- end }}
+
 {{- /* P2P finds peers through the lookup registry; the library refuses P2P without one. */}}
 {{- if and (include "lmcache.isTrue" $lm.enableP2P) (not $lm.lookupUrl) (not $v.redis.enabled) }}
 {{- fail "lmcache.enableP2P is on but there is no lookup registry: set lmcache.lookupUrl (redis://HOST:PORT) or redis.enabled=true" }}
@@ -60,6 +129,7 @@ the values involved and the fix. Included once, from deployment.yaml.
 {{- if $v.connectorInstall.enabled }}{{ $_ := set $chartSet "PYTHONPATH" "connectorInstall.target" }}{{ end }}
 {{- if $v.deployment.hfToken.secretName }}{{ $_ := set $chartSet "HF_TOKEN" "deployment.hfToken" }}{{ end }}
 {{- if include "lmcache.isTrue" $lm.enableP2P }}{{ $_ := set $chartSet "POD_IP" "lmcache.enableP2P" }}{{ end }}
+{{- if $v.kvEvents.enabled }}{{ $_ := set $chartSet "POD_IP" "kvEvents.enabled" }}{{ $_ := set $chartSet "PYTHONHASHSEED" "kvEvents.pythonHashSeed" }}{{ end }}
 {{- range include "lmcache.settings" . | fromJsonArray }}
 {{- if index . 1 }}
 {{- $_ := set $chartSet (index . 0) (index . 2) }}
