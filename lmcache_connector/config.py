@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +51,17 @@ _IGNORED_ENV = {
 }
 
 GB = 1024**3
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?")
 
 # Settings whose values may carry a password (user:password@host): shown through redacted_url().
 URL_SETTINGS = ("remote_url", "lookup_url", "distributed_url")
+LOOKUP_TIMEOUT_S = 0.1  # LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS unset: Redis, lmcache_server
+S3_LOOKUP_TIMEOUT_S = 1.0  # ... and on S3
+# Settings that are secrets as a whole: never shown, not even in an error about their value.
+SECRET_SETTINGS = ("p2p_auth_token",)
+HIDDEN = "***"
+MIN_TOKEN_CHARS = 16
+WILDCARD_HOSTS = ("0.0.0.0", "::")
 SERVED_REMOTE_KINDS = ("redis", "s3", "lm")  # LMCACHE_REMOTE_URL kinds with a client (tiers/remote/client.py)
 
 
@@ -77,6 +87,9 @@ class LMCacheConfig:
     enable_p2p: bool = False
     lookup_url: str | None = None
     distributed_url: str | None = None
+    p2p_advertise_host: str | None = None
+    p2p_auth_token: str | None = None
+    p2p_auth_token_file: str | None = None
     save_unfull_chunk: bool = True
     blocking_timeout_secs: float = 10.0
     log_level: str = "INFO"
@@ -96,11 +109,20 @@ class LMCacheConfig:
     remote_tls_key_file: str | None = None
     remote_tls_check_hostname: bool = True
     remote_ttl_secs: int | None = None
-    remote_lookup_timeout_ms: float = 100.0
+    remote_lookup_timeout_ms: float | None = None  # unset: the store's own default (remote_lookup_timeout_s)
     remote_key_prefix: str = "lmc:"
     # Remote tier (S3): endpoint, region and credentials come from the standard AWS environment.
     s3_addressing_style: str = "auto"
     s3_list_interval_secs: int | None = None
+
+    @property
+    def remote_lookup_timeout_s(self) -> float:
+        """``LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS`` in seconds, or the store's default: 100 ms, and 1 s
+        on S3, where a request takes tens of milliseconds and a lookup is two rounds of them."""
+        if self.remote_lookup_timeout_ms is not None:
+            return self.remote_lookup_timeout_ms / 1000
+        url = self.parsed_remote_url
+        return S3_LOOKUP_TIMEOUT_S if url is not None and url.kind == "s3" else LOOKUP_TIMEOUT_S
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -118,6 +140,23 @@ class LMCacheConfig:
     def parsed_lookup_url(self) -> RemoteUrl | None:
         return parse_redis_url(self.lookup_url) if self.lookup_url else None
 
+    @property
+    def distributed_host_port(self) -> tuple[str, int] | None:
+        """``LMCACHE_DISTRIBUTED_URL`` as ``(host, port)``: where rank 0 of this instance serves peers."""
+        if not self.distributed_url:
+            return None
+        parsed = urlparse("//" + self.distributed_url.split("://", 1)[-1])
+        return parsed.hostname, parsed.port
+
+    def p2p_token(self) -> bytes | None:
+        """The shared P2P token (``LMCACHE_P2P_AUTH_TOKEN``, or the file ``LMCACHE_P2P_AUTH_TOKEN_FILE``
+        names, without its trailing line break), or None. Never print it."""
+        if self.p2p_auth_token:
+            return self.p2p_auth_token.encode()
+        if self.p2p_auth_token_file:
+            return _read_token_file(self.p2p_auth_token_file).encode()
+        return None
+
     def as_dict(self) -> dict[str, Any]:
         """Every setting, passwords included: never print this; print :meth:`redacted_dict`."""
         return dataclasses.asdict(self)
@@ -128,6 +167,9 @@ class LMCacheConfig:
         for key in URL_SETTINGS:
             if values[key] is not None:
                 values[key] = redacted_url(values[key])
+        for key in SECRET_SETTINGS:
+            if values[key] is not None:
+                values[key] = HIDDEN
         return values
 
     def __repr__(self) -> str:
@@ -271,6 +313,47 @@ def _parse_key_prefix(raw: Any) -> str:
     return text
 
 
+def _parse_advertise_host(raw: Any) -> str | None:
+    text = _parse_optional_text(raw)
+    if text is None:
+        return None
+    host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    problem = "expected the host name or IP address peers dial (e.g. 10.0.0.5, the pod IP), without a port"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError(problem) from None
+        return host
+    if address.is_unspecified:
+        raise ValueError(f"{host} names no interface a peer could dial; " + problem)
+    return str(address)
+
+
+def _check_token(text: str) -> str:
+    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(
+            f"expected at least {MIN_TOKEN_CHARS} printable characters without spaces "
+            "(e.g. the output of: openssl rand -hex 32)"
+        )
+    return text
+
+
+def _parse_token(raw: Any) -> str | None:
+    text = "" if raw is None else str(raw).strip()
+    return _check_token(text) if text else None
+
+
+def _read_token_file(path: str) -> str:
+    """The token in ``path``, without the line break a Secret or ``echo`` leaves at its end."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the token ({type(exc).__name__})") from None
+    return _check_token(text)
+
+
 def _parse_optional_text(raw: Any) -> str | None:
     text = "" if raw is None else str(raw).strip().strip("\"'")
     return text or None
@@ -328,6 +411,8 @@ def _parse_host_port(raw: Any) -> str | None:
     _check_port(parsed)
     if not parsed.hostname or parsed.port is None:
         raise ValueError("expected HOST:PORT, e.g. 10.0.0.5:8200")
+    if parsed.port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
     return text
 
 
@@ -369,7 +454,21 @@ SETTINGS: dict[str, _Setting] = {
     "lookup_url": _Setting(
         _parse_lookup_url, "Lookup registry for P2P: a Redis URL (redis://HOST:PORT, rediss://, ...) or HOST:PORT."
     ),
-    "distributed_url": _Setting(_parse_host_port, "This instance's HOST:PORT that peers fetch chunks from."),
+    "distributed_url": _Setting(
+        _parse_host_port,
+        "This instance's HOST:PORT that peers fetch chunks from; the worker of rank r (tp_rank + tp_size * "
+        "pp_rank) serves on PORT + r. HOST 0.0.0.0 binds every interface (needs p2p_advertise_host).",
+    ),
+    "p2p_advertise_host": _Setting(
+        _parse_advertise_host,
+        "The host peers dial for this instance (e.g. the pod IP), when distributed_url binds 0.0.0.0.",
+    ),
+    "p2p_auth_token": _Setting(
+        _parse_token, "Shared token peers prove with an HMAC challenge (never sent); unset: no authentication."
+    ),
+    "p2p_auth_token_file": _Setting(
+        _parse_readable_file, "File holding the shared P2P token (a mounted Secret), instead of p2p_auth_token."
+    ),
     "save_unfull_chunk": _Setting(_parse_bool, "Also store the last, partial chunk of a prompt (LMCache: False)."),
     "blocking_timeout_secs": _Setting(_parse_seconds, "Timeout of a blocking remote read, in seconds."),
     "log_level": _Setting(
@@ -422,7 +521,8 @@ SETTINGS: dict[str, _Setting] = {
         _parse_optional_seconds, "Expiry of remote values in seconds, refreshed by every hit; unset: none."
     ),
     "remote_lookup_timeout_ms": _Setting(
-        _parse_milliseconds, "How long a lookup may wait for the remote store before it counts as a miss."
+        _parse_milliseconds,
+        "How long a lookup may wait for the remote store before it counts as a miss (unset: 100, 1000 on s3://).",
     ),
     "remote_key_prefix": _Setting(_parse_key_prefix, "Prefix of every key this library writes to the remote store."),
     "s3_addressing_style": _Setting(
@@ -488,6 +588,8 @@ def _apply(values: dict[str, Any], problems: list[str], key: str, raw: Any, sour
         values[key] = SETTINGS[key].parse(raw)
     except ValueError as exc:
         shown = redacted_url(raw) if key in URL_SETTINGS and isinstance(raw, str) else raw
+        if key in SECRET_SETTINGS:
+            shown = HIDDEN
         problems.append(f"{source}={shown!r}: {exc}")
 
 
@@ -531,11 +633,44 @@ def _cross_checks(config: LMCacheConfig) -> list[str]:
             "expected a size in GB greater than 0 (e.g. 10.0)"
         )
     problems.extend(_remote_cross_checks(config))
-    if config.enable_p2p:
-        if not config.lookup_url:
-            problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_LOOKUP_URL: expected redis://HOST:PORT")
-        if not config.distributed_url:
-            problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_DISTRIBUTED_URL: expected HOST:PORT")
+    problems.extend(_p2p_cross_checks(config))
+    return problems
+
+
+def _p2p_cross_checks(config: LMCacheConfig) -> list[str]:
+    problems = []
+    if config.p2p_auth_token and config.p2p_auth_token_file:
+        problems.append(
+            "LMCACHE_P2P_AUTH_TOKEN and LMCACHE_P2P_AUTH_TOKEN_FILE both give the token: keep one "
+            "(the file keeps it out of the environment)"
+        )
+    elif config.p2p_auth_token_file:
+        try:
+            config.p2p_token()
+        except ValueError as exc:
+            problems.append(f"LMCACHE_P2P_AUTH_TOKEN_FILE={config.p2p_auth_token_file!r}: {exc}")
+    if not config.enable_p2p:
+        return problems
+    if not config.lookup_url:
+        problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_LOOKUP_URL: expected redis://HOST:PORT")
+    if not config.distributed_url:
+        problems.append("LMCACHE_ENABLE_P2P=True needs LMCACHE_DISTRIBUTED_URL: expected HOST:PORT")
+    elif config.distributed_host_port[0] in WILDCARD_HOSTS and not config.p2p_advertise_host:
+        problems.append(
+            f"LMCACHE_DISTRIBUTED_URL={config.distributed_url!r} binds every interface, which peers cannot dial: "
+            "set LMCACHE_P2P_ADVERTISE_HOST to the address they should use (e.g. the pod IP)"
+        )
+    url = config.parsed_lookup_url
+    if url is not None:
+        shown = f"LMCACHE_LOOKUP_URL={url.redacted()!r}"
+        if url.password is not None and config.remote_password_file:
+            problems.append(
+                f"{shown} and LMCACHE_REMOTE_PASSWORD_FILE (which the registry uses too) both give a password: keep one"
+            )
+        if url.scheme == "unix" and config.remote_tls:
+            problems.append(
+                f"LMCACHE_REMOTE_TLS=True (which the registry uses too) with {shown}: a unix socket carries no TLS"
+            )
     return problems
 
 

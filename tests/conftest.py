@@ -30,9 +30,16 @@ SLOW_MODULES = {
     "test_redis_sentinel_cluster.py": "Sentinels take seconds to find each other and to fail over; a cluster to form",
     "test_sim_remote.py": "several simulated engines with tensor parallelism, each building vLLM's scheduler",
     "test_s3_client.py": "a real moto_server (a Python HTTP server: every S3 call a real request) and timeout checks",
+    "test_peer_registry_cluster.py": "a Redis Cluster takes seconds to form",
     "test_engine_api_processes.py": "fresh interpreters that import torch and transformers and load a model",
 }
 SLOW_TESTS = {
+    "test_peer_registry.py::test_a_dead_instance_stops_being_a_holder_within_live_ttl_and_its_keys_expire": (
+        "waits for a liveness key and then the holder sets to expire (about a second)"
+    ),
+    "test_peer_registry.py::test_a_live_instance_keeps_its_entries_past_the_holder_ttl": (
+        "outlives the holder TTL on purpose (about a second)"
+    ),
     "test_package.py::test_the_installed_vllm_is_accepted_and_the_class_loads_the_vllm_way": (
         "imports vLLM in a fresh interpreter (about 10 s)"
     ),

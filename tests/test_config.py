@@ -127,6 +127,85 @@ def test_p2p_needs_lookup_and_distributed_urls():
     assert "LMCACHE_LOOKUP_URL" in str(err.value) and "LMCACHE_DISTRIBUTED_URL" in str(err.value)
 
 
+P2P = {"LMCACHE_ENABLE_P2P": "True", "LMCACHE_LOOKUP_URL": "redis://registry:6379"}
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "name,value,accepted",
+    [
+        ("LMCACHE_P2P_ADVERTISE_HOST", "0.0.0.0", "names no interface a peer could dial"),
+        ("LMCACHE_P2P_ADVERTISE_HOST", "10.0.0.5:8200", "without a port"),
+        ("LMCACHE_P2P_ADVERTISE_HOST", "http://pod", "host name or IP address"),
+        ("LMCACHE_P2P_AUTH_TOKEN_FILE", "/no/such/token", "readable file"),
+        ("LMCACHE_DISTRIBUTED_URL", "10.0.0.5:0", "from 1 to 65535"),
+    ],
+)
+def test_each_invalid_p2p_value_names_the_variable_and_what_is_accepted(name, value, accepted):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={name: value})
+    assert name in str(err.value) and repr(value) in str(err.value) and accepted in str(err.value)
+
+
+def test_the_p2p_settings_are_read_and_the_advertise_host_is_kept_bare():
+    env = {
+        **P2P,
+        "LMCACHE_DISTRIBUTED_URL": "0.0.0.0:8200",
+        "LMCACHE_P2P_ADVERTISE_HOST": "[fd00::5]",
+        "LMCACHE_P2P_AUTH_TOKEN": TOKEN,
+    }
+    config = load_config(env=env)
+    assert config.distributed_host_port == ("0.0.0.0", 8200) and config.p2p_advertise_host == "fd00::5"
+    assert config.p2p_token() == TOKEN.encode()
+    assert load_config(env={}).p2p_token() is None
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0:8200", "[::]:8200"])
+def test_a_wildcard_distributed_url_needs_the_advertise_host(wildcard):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={**P2P, "LMCACHE_DISTRIBUTED_URL": wildcard})
+    assert "binds every interface" in str(err.value) and "set LMCACHE_P2P_ADVERTISE_HOST" in str(err.value)
+    assert load_config(env={**P2P, "LMCACHE_DISTRIBUTED_URL": wildcard, "LMCACHE_P2P_ADVERTISE_HOST": "pod-a"})
+
+
+def test_the_p2p_token_is_never_shown():
+    config = load_config(env={"LMCACHE_P2P_AUTH_TOKEN": TOKEN})
+    assert TOKEN not in repr(config) and config.redacted_dict()["p2p_auth_token"] == "***"
+    short = "short-" + "x" * 5
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"LMCACHE_P2P_AUTH_TOKEN": short})
+    assert "LMCACHE_P2P_AUTH_TOKEN='***'" in str(err.value) and "at least 16" in str(err.value)
+    assert short not in str(err.value)
+
+
+def test_the_p2p_token_file_is_read_without_its_line_break_and_checked_at_start(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    assert load_config(env={"LMCACHE_P2P_AUTH_TOKEN_FILE": str(secret)}).p2p_token() == TOKEN.encode()
+    with pytest.raises(ConfigError, match="both give the token: keep one"):
+        load_config(env={"LMCACHE_P2P_AUTH_TOKEN_FILE": str(secret), "LMCACHE_P2P_AUTH_TOKEN": TOKEN})
+    secret.write_text("tiny\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"LMCACHE_P2P_AUTH_TOKEN_FILE": str(secret)})
+    assert f"LMCACHE_P2P_AUTH_TOKEN_FILE={str(secret)!r}: expected at least 16" in str(err.value)
+    assert "tiny" not in str(err.value)
+
+
+def test_the_registry_takes_the_remote_password_settings(tmp_path):
+    password_file = tmp_path / "password"
+    password_file.write_text("pw")
+    env = {
+        **P2P,
+        "LMCACHE_LOOKUP_URL": f"redis://:{SECRET}@registry:6379",
+        "LMCACHE_DISTRIBUTED_URL": "10.0.0.5:8200",
+        "LMCACHE_REMOTE_PASSWORD_FILE": str(password_file),
+    }
+    with pytest.raises(ConfigError) as err:
+        load_config(env=env)
+    assert "LMCACHE_LOOKUP_URL='redis://:***@registry:6379' and LMCACHE_REMOTE_PASSWORD_FILE" in str(err.value)
+    assert SECRET not in str(err.value)
+
+
 def test_errors_from_file_and_extra_config_name_their_source(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("chunk_size: big\n")
@@ -270,7 +349,11 @@ def test_disk_fills_are_auto_by_default_or_forced_either_way(raw, expected):
 def test_remote_settings_default_to_no_tls_no_expiry_and_a_100_ms_lookup():
     config = load_config(env={})
     assert (config.remote_tls, config.remote_tls_check_hostname) == (False, True)
-    assert config.remote_ttl_secs is None and config.remote_lookup_timeout_ms == 100
+    assert config.remote_ttl_secs is None and config.remote_lookup_timeout_s == 0.1
+    # S3 answers a request in tens of milliseconds: its lookups get a second unless told otherwise.
+    assert load_config(env={"LMCACHE_REMOTE_URL": "s3://kv-cache"}).remote_lookup_timeout_s == 1.0
+    env = {"LMCACHE_REMOTE_URL": "s3://kv-cache", "LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS": "250"}
+    assert load_config(env=env).remote_lookup_timeout_s == 0.25
     assert config.remote_key_prefix == "lmc:" and config.remote_service_name is None
     assert config.remote_password_file is None and config.remote_sentinel_password_file is None
 

@@ -56,7 +56,7 @@ class RemoteMedium(Medium):
             client,
             ns.digest().hex(),
             ranks,
-            lookup_timeout_s=config.remote_lookup_timeout_ms / 1000,
+            lookup_timeout_s=config.remote_lookup_timeout_s,
             ttl_secs=config.remote_ttl_secs,
             start_up=up,
             list_interval_s=config.s3_list_interval_secs,
