@@ -382,7 +382,12 @@ class Executor:
             try:
                 if store is None:
                     raise RuntimeError(f"the {tier} tier is not open on this worker")
-                store.submit_write(spec.store_id, spec.key, spec.block_fps, _regions(view))
+                if spec.event_info and store.keeps_event_info:
+                    store.submit_write(
+                        spec.store_id, spec.key, spec.block_fps, _regions(view), event_info=spec.event_info
+                    )
+                else:
+                    store.submit_write(spec.store_id, spec.key, spec.block_fps, _regions(view))
             except Exception as exc:  # the write is a future miss; its slot must not stay pinned
                 logger.warning("Queueing chunk %s for the %s tier failed: %s", spec.key.hex()[:12], tier, exc)
                 self._report.write_failed[(tier, spec.store_id)] += 1

@@ -43,6 +43,7 @@ class Fill:
     tier: str  # the secondary medium it is read from
     key: bytes
     block_fps: list[bytes]  # every block boundary of the chunk
+    first_block: int = 0  # the chunk's first block in the request's prompt
 
 
 @dataclass
@@ -69,6 +70,7 @@ class StoreSpec:
     key: bytes = b""
     block_fps: list[bytes] = field(default_factory=list)
     writes: list[str] = field(default_factory=list)  # secondary tiers to write the slot to, behind the store
+    event_info: str = ""  # the glue's KV-event description, kept by tiers that keep it (a file header)
 
 
 @dataclass

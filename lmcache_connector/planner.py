@@ -23,6 +23,9 @@ fingerprints and the block ids it was given. Each step:
 * ``apply_report`` — applies the workers' reports through one ledger per kind of job: a store,
   fill, write or background load is resolved only once *every* rank reported it (done or failed),
   so a slot is never released while a rank may still copy into or write from it.
+* ``take_changes`` — with ``track_changes`` on (vLLM's KV-cache events), which chunks each
+  announced tier (memory, and every secondary naming an ``event_medium``) started or stopped
+  holding; the glue (:mod:`lmcache_connector.connector.kv_events`) turns them into vLLM's events.
 
 Only the prompt is cached (as LMCache does by default): decode tokens vary from request to request.
 Requests with prompt embeddings are never cached: their placeholder token ids do not say what the
@@ -43,7 +46,7 @@ from lmcache_connector.geometry import Geometry
 from lmcache_connector.keys import MultimodalItem, block_fingerprints, request_root
 from lmcache_connector.ledger import ReportLedger
 from lmcache_connector.plan import FAILED_SLOT, AsyncLoad, Fill, LoadSpec, StepPlan, StoreSpec, WorkerReport
-from lmcache_connector.tiers.base import PENDING, Catalog, Medium
+from lmcache_connector.tiers.base import PENDING, Catalog, HeldChange, Medium
 from lmcache_connector.tiers.chain import Piece, find_pieces
 from lmcache_connector.tiers.memory.index import ChunkIndex, ChunkState
 
@@ -311,7 +314,17 @@ class Planner:
             return None
         self._new_slots.append(slot)
         store_id = self._new_job(_Store(key, None, piece.chunk))
-        state.pending_fills.append(Fill(store_id, slot, state.req_id, piece.tier, key, list(piece.entry.block_fps)))
+        state.pending_fills.append(
+            Fill(
+                store_id,
+                slot,
+                state.req_id,
+                piece.tier,
+                key,
+                list(piece.entry.block_fps),
+                piece.chunk * self.geometry.blocks_per_chunk,
+            )
+        )
         return LoadSpec(slot, first_block, block_ids)
 
     def _new_job(self, job: _Store) -> int:
@@ -612,6 +625,27 @@ class Planner:
         self._doomed_writes.update(self._write_jobs)
         self._update_gauges()
         return True
+
+    # ------------------------------------------------------------ KV-cache events
+
+    def track_changes(self) -> None:
+        """Record, from now on, which chunks each announced tier starts and stops holding."""
+        self.index.track_changes()
+        for catalog in self.secondaries:
+            if catalog.event_medium is not None:
+                catalog.track_changes()
+
+    def event_media(self) -> dict[str, str]:
+        """vLLM's KV-event medium of each announced tier (the memory tier is host memory: ``CPU``)."""
+        return {"memory": "CPU", **{c.name: c.event_medium for c in self.secondaries if c.event_medium}}
+
+    def take_changes(self) -> list[tuple[str, HeldChange]]:
+        """``(tier, change)`` since the last call: per tier in order (empty unless tracked)."""
+        changes = [("memory", HeldChange(key, held)) for key, held in self.index.take_changes()]
+        for catalog in self.secondaries:
+            if catalog.event_medium is not None:
+                changes.extend((catalog.name, change) for change in catalog.take_changes())
+        return changes
 
     def shutdown(self) -> None:
         for catalog in self.secondaries:

@@ -89,6 +89,9 @@ class Sim:
         self._next_id = 0
         self._closed = False
         self.step_seconds = 0.0  # time spent in step(): the simulation's throughput
+        self.kv_events: list[Any] = []  # with cfg.kv_events: every event vLLM published, GPU and connector
+        if cfg.kv_events:
+            self.scheduler.kv_event_publisher.publish = lambda batch: self.kv_events.extend(batch.events)
         self._watch_connector()
         synchronous_disk_recency(self.connector, self.faults.clock.touch)
 

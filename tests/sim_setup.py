@@ -44,6 +44,8 @@ class SimConfig:
     load_failure_policy: str = "recompute"
     enable_prompt_embeds: bool = False
     disk_async_fills: bool | str = False  # the disk tier's fills on the model thread unless a test asks otherwise
+    kv_events: bool = False  # vLLM's KV-cache events on (published to the Sim's list, not over ZMQ)
+    hash_algo: str = "sha256"  # --prefix-caching-hash-algo
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -106,6 +108,7 @@ def build_configs(cfg: SimConfig, root: Path, disk_dir: Path):
     from vllm.config import (
         CacheConfig,
         DeviceConfig,
+        KVEventsConfig,
         KVTransferConfig,
         ModelConfig,
         ParallelConfig,
@@ -123,7 +126,9 @@ def build_configs(cfg: SimConfig, root: Path, disk_dir: Path):
         seed=0,
         enable_prompt_embeds=cfg.enable_prompt_embeds,
     )
-    cache = CacheConfig(block_size=cfg.block_size, enable_prefix_caching=cfg.prefix_caching)
+    cache = CacheConfig(
+        block_size=cfg.block_size, enable_prefix_caching=cfg.prefix_caching, prefix_caching_hash_algo=cfg.hash_algo
+    )
     cache.num_gpu_blocks_override = cfg.num_blocks
     vllm_config = VllmConfig(
         model_config=model,
@@ -142,6 +147,7 @@ def build_configs(cfg: SimConfig, root: Path, disk_dir: Path):
             kv_role="kv_both",
             kv_connector_extra_config=cfg.connector_extra_config(disk_dir),
         ),
+        kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="null") if cfg.kv_events else None,
     )
     # The engine core resolves the layout before connectors are built; do the same.
     vllm_config.cache_config.kv_cache_layout = LAYOUT

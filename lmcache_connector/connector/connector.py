@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -22,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_connector.config import describe, load_config
+from lmcache_connector.connector.kv_events import KVEventAnnouncer, kv_events_enabled
 from lmcache_connector.connector.metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
 from lmcache_connector.connector.scheduler import prompt_request, scheduled_requests
 from lmcache_connector.connector.vllm_config import compute_geometry
@@ -34,6 +36,7 @@ from lmcache_connector.tiers.registry import media
 if TYPE_CHECKING:
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -53,11 +56,7 @@ def _shielded(fallback):
             try:
                 return method(self, *args, **kwargs)
             except Exception:
-                if method.__name__ not in self._reported_errors:
-                    self._reported_errors.add(method.__name__)
-                    logger.exception(
-                        "lmcache_connector: %s failed; serving continues without the cache", method.__name__
-                    )
+                self._report_once(method.__name__)
                 return fallback(self, *args, **kwargs)
 
         return guarded
@@ -99,8 +98,11 @@ class LMCacheConnector(KVConnectorBase_V1):
         # tests and tools read their state() and wrap their movers without reaching into privates.
         self.planner: Planner | None = None
         self.executor: Executor | None = None
+        self.events: KVEventAnnouncer | None = None  # only while vLLM publishes KV-cache events
         if role == KVConnectorRole.SCHEDULER:
             self.planner = Planner(self.config, self.geometry, media(self.config.extra_tiers))
+            if kv_events_enabled(vllm_config):
+                self.events = KVEventAnnouncer(vllm_config, self.planner)
             self._log_start()
         else:
             self.executor = Executor(
@@ -119,10 +121,21 @@ class LMCacheConnector(KVConnectorBase_V1):
             g.namespace.kv_dtype,
             g.namespace.kv_layout,
         )
+        if self.events is not None:
+            logger.info(
+                "lmcache_connector: KV-cache events on: announcing %s",
+                ", ".join(f"the {tier} tier as {medium}" for tier, medium in self.events.media.items()),
+            )
         for tier in self.config.unavailable_tiers():
             logger.warning("lmcache_connector: %s is not available in this version; running without it", tier)
         if g.num_slots == 0:
             logger.warning("lmcache_connector: the memory tier holds no chunk (LMCACHE_MAX_LOCAL_CPU_SIZE too small)")
+
+    def _report_once(self, hook: str) -> None:
+        """Log the exception being handled, once per hook."""
+        if hook not in self._reported_errors:
+            self._reported_errors.add(hook)
+            logger.exception("lmcache_connector: %s failed; serving continues without the cache", hook)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -207,6 +220,8 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_fail_promise)
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         self._remember_promise(request, blocks, num_external_tokens)
+        if self.events is not None:
+            self.events.watch(request)  # its block hashes and tokens, for the chunks it stores
         self.planner.after_alloc(request.request_id, request.num_tokens, blocks.get_block_ids()[0], num_external_tokens)
 
     def _failed_plan(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
@@ -227,6 +242,11 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_failed_plan)
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         plan = self.planner.build_plan(scheduled_requests(scheduler_output))
+        if self.events is not None:
+            try:
+                self.events.describe_plan(plan)
+            except Exception:  # events are a view for routers: never worth a step's loads
+                self._report_once("describe_plan")
         for req_id, block_ids in self._failed_promises.items():
             plan.loads[req_id] = [LoadSpec(FAILED_SLOT, 0, block_ids)]
         self._promised.clear()
@@ -265,12 +285,23 @@ class LMCacheConnector(KVConnectorBase_V1):
     @_shielded(_keep_nothing)
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._asked.pop(request.request_id, None)
+        if self.events is not None:
+            self.events.forget(request.request_id)
         if self.planner is not None:
             self.planner.request_finished(request.request_id)
         return False, None
 
     def reset_cache(self) -> bool | None:
         return self.planner.reset_cache() if self.planner is not None else None
+
+    def _no_events(self) -> tuple:
+        return ()
+
+    @_shielded(_no_events)
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """``BlockStored`` / ``BlockRemoved`` for the blocks the tiers hold (:mod:`.kv_events`);
+        vLLM publishes them with its own when ``--kv-events-config`` enables events."""
+        return self.events.take_events() if self.events is not None else ()
 
     # ============================================================ worker side
 

@@ -155,11 +155,13 @@ def _serve(
 
 def _make_llm(llm_kwargs: dict[str, Any]):
     from vllm import LLM
-    from vllm.config import KVTransferConfig
+    from vllm.config import KVEventsConfig, KVTransferConfig
 
     kwargs = dict(llm_kwargs)
     if isinstance(kwargs.get("kv_transfer_config"), dict):
         kwargs["kv_transfer_config"] = KVTransferConfig(**kwargs["kv_transfer_config"])
+    if isinstance(kwargs.get("kv_events_config"), dict):  # --kv-events-config
+        kwargs["kv_events_config"] = KVEventsConfig(**kwargs["kv_events_config"])
     kwargs.setdefault("distributed_executor_backend", "uni")
     kwargs.setdefault("enforce_eager", True)
     return LLM(**kwargs)

@@ -26,6 +26,12 @@ A medium whose fills are slow (network, cold disk) sets ``Catalog.asynchronous``
 in ``fills_asynchronously``): its fills run in the background through vLLM's asynchronous-load
 path, so one slow read never stalls the batch.
 
+A medium whose chunks are announced to routers (vLLM's KV-cache events) names its
+``Catalog.event_medium`` (the disk tier: ``"STORAGE"``); once asked to ``track_changes``, its catalog
+records every chunk it starts or stops holding, and ``take_changes`` hands them over. Its store sets
+``Store.keeps_event_info`` when it keeps the connector's ``event_info`` text with the chunk (the
+disk tier: in the file header), so the chunk can be announced again after a restart.
+
 Registering a medium from outside the package: :mod:`lmcache_connector.tiers.registry`.
 """
 
@@ -67,6 +73,18 @@ class StoredChunk:
         return len(self.block_fps)
 
 
+@dataclass(frozen=True)
+class HeldChange:
+    """A chunk a catalog started (``held``) or stopped holding, for the KV-cache events.
+
+    ``event_info`` is what the medium kept with the chunk (``Store.keeps_event_info``), read back
+    when the catalog found the chunk itself (at start, or in a rescan); empty otherwise."""
+
+    key: bytes
+    held: bool
+    event_info: str = ""
+
+
 @dataclass
 class WriteResult:
     """One rank's write of one chunk to a medium, done or failed."""
@@ -87,6 +105,9 @@ class Catalog(ABC):
     # True when the catalog learns what the medium holds by asking it (a store other engines fill):
     # knowing no chunk yet is then no reason to skip a lookup.
     learns_by_asking: bool = False
+    # vLLM's KV-event medium under which the connector announces the chunks held here ("STORAGE"),
+    # or None: never announced (e.g. a store shared by every replica, whose removals nobody sees).
+    event_medium: str | None = None
 
     def poll(self) -> None:
         """Take in what background work found since the last call (called every step)."""
@@ -155,12 +176,25 @@ class Catalog(ABC):
     def capacity(self) -> int:
         return 0
 
+    def track_changes(self) -> None:
+        """From now on record (for :meth:`take_changes`) every chunk that becomes held or stops
+        being held, starting with those held now. Only called when KV-cache events are on."""
+        return None
+
+    def take_changes(self) -> list[HeldChange]:
+        """Changes since the last call, in order (empty unless :meth:`track_changes` was called)."""
+        return []
+
     def close(self) -> None:
         return None
 
 
 class Store(ABC):
     """Worker side of a medium: one rank's bytes."""
+
+    # True: ``submit_write`` also takes ``event_info=`` (text to keep with the chunk and hand back
+    # through the catalog's ``HeldChange`` after a restart).
+    keeps_event_info: bool = False
 
     @abstractmethod
     def submit_write(self, job_id: int, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:

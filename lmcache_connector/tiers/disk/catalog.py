@@ -20,6 +20,9 @@ waits on the disk.
   deleted too, so nothing written from before a reset can come back through a rescan.
 * Leftovers are cleaned: temporary files of writers that no longer run, and chunk files of ours
   whose header or size is wrong (a truncated or corrupt file is never loaded).
+* With ``track_changes()`` (vLLM's KV-cache events on) every chunk added or removed is recorded for
+  ``take_changes()``, with the ``event_info`` of its header when a scan found it; the chunks held
+  when tracking starts are described from their headers by the background thread.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class DiskCatalog:
         self._generation = 0  # results of scans started before the last clear() are ignored
         self._banned: set[bytes] = set()
         self._stop = threading.Event()
+        self._changes: list[tuple[bytes, bool, str]] | None = None  # (key, held, event_info), while tracked
         self.used_bytes = 0  # all of this library's files in the folder, any namespace
         os.makedirs(folder, exist_ok=True)
         known = self._scan(deadline=time.monotonic() + startup_budget_s)
@@ -105,19 +109,23 @@ class DiskCatalog:
                 return holders[0], n
         return None
 
-    def add(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int) -> None:
-        """A chunk this engine just wrote (every rank reported its file)."""
+    def add(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int, event_info: str = "") -> None:
+        """A chunk this engine just wrote (every rank reported its file), or a scan found."""
         if key in self._entries or key in self._banned:
             return
         entry = DiskEntry(key, tuple(block_fps), nbytes)
         self._entries[key] = entry
         for fp in entry.block_fps:
             self._by_block.setdefault(fp, []).append(entry)
+        if self._changes is not None:
+            self._changes.append((key, True, event_info))
 
     def remove(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
+        if self._changes is not None:
+            self._changes.append((key, False, ""))
         for fp in entry.block_fps:
             holders = self._by_block[fp]
             holders.remove(entry)
@@ -148,6 +156,20 @@ class DiskCatalog:
     def unban(self, key: bytes) -> None:
         self._banned.discard(key)
 
+    def track_changes(self) -> None:
+        """Record additions and removals from now on; the chunks held now are reported as added
+        once the background thread has read their headers' ``event_info``."""
+        if self._changes is None:
+            self._changes = []
+            self._touches.put(("describe", list(self._entries), self._generation))
+
+    def take_changes(self) -> list[tuple[bytes, bool, str]]:
+        """``(key, held, event_info)`` since the last call, in order."""
+        if not self._changes:
+            return []
+        changes, self._changes = self._changes, []
+        return changes
+
     def poll(self) -> None:
         """Apply what the background thread found since the last call."""
         while True:
@@ -166,10 +188,15 @@ class DiskCatalog:
                 self.remove(value)
             elif action == "used":
                 self.used_bytes = value
+            elif action == "described":
+                key, event_info = value
+                if generation == self._generation and key in self._entries and self._changes is not None:
+                    self._changes.append((key, True, event_info))
 
     def close(self) -> None:
         """Stop the background thread, after recording the recency of every chunk used so far."""
         self._stop.set()
+        self._touches.put(("wake",))  # the thread waits on this queue: stop now, not at its next timeout
         self._thread.join(timeout=5)
         while True:
             try:
@@ -205,6 +232,9 @@ class DiskCatalog:
                     generation = command[1]
                     self._delete_namespace()
                     known = set()
+                elif command[0] == "describe":
+                    for key in command[1]:
+                        self._results.put(("described", (key, self._event_info(key.hex())), command[2]))
             except queue.Empty:
                 pass
             except Exception:
@@ -275,9 +305,16 @@ class DiskCatalog:
                 added.add(key_hex)
         return (known & complete) | added
 
-    def _read_entry(self, key_hex: str) -> tuple[bytes, tuple[bytes, ...], int] | None:
+    def _event_info(self, key_hex: str) -> str:
+        try:
+            return read_header(self.file_path(self.rank_tags[0], key_hex))[0].event_info
+        except (ChunkFileError, OSError):
+            return ""  # gone or unreadable: its removal, if any, is reported by a scan
+
+    def _read_entry(self, key_hex: str) -> tuple[bytes, tuple[bytes, ...], int, str] | None:
         total = 0
         block_fps: tuple[bytes, ...] = ()
+        event_info = ""
         for tag in self.rank_tags:
             path = self.file_path(tag, key_hex)
             try:
@@ -287,6 +324,7 @@ class DiskCatalog:
                 if header.namespace != self.namespace_hex:
                     return None  # a different namespace that shares the 16-digit prefix: not ours to use
                 block_fps = tuple(bytes.fromhex(fp) for fp in header.block_fps)
+                event_info = event_info or header.event_info
                 total += size
             except ForeignChunkError:
                 return None  # another version of this library: neither loaded nor deleted
@@ -298,7 +336,7 @@ class DiskCatalog:
                 return None
         if not block_fps or block_fps[-1] != bytes.fromhex(key_hex):
             return None
-        return bytes.fromhex(key_hex), block_fps, total
+        return bytes.fromhex(key_hex), block_fps, total, event_info
 
     def _account_temp(self, item: os.DirEntry) -> int:
         """Count a temporary file, or remove it if its writer crashed.

@@ -10,7 +10,13 @@ file without an intermediate copy)::
 ``__metadata__`` records the format and its version, the chunk key, the namespace (rank-less, and
 the rank), the fingerprint of every block boundary in the chunk (so a restarted engine rebuilds the
 block-granular index from headers alone) and an xxh3-64 checksum of the bytes, verified on every
-load. Files are written under a temporary name and renamed into place, so a crash never leaves a
+load. An optional ``event_info`` holds what the connector needs to announce the chunk to routers
+again after a restart (vLLM's block hashes, the tokens, the block-hash settings they were computed
+under: :mod:`lmcache_connector.connector.kv_events`); it is written only when vLLM's KV-cache events
+are on, is opaque here, and is absent from older files, which stay valid chunks (just never
+announced), so the format version did not change.
+
+Files are written under a temporary name and renamed into place, so a crash never leaves a
 half-written file under a chunk's name (the writing itself, and every removal, is in ``folder.py``).
 
 File names: ``<namespace16>-<rank>-<key>.lmc.safetensors``; temporary files end in ``.lmc.tmp``
@@ -63,6 +69,7 @@ class ChunkHeader:
     shape: tuple[int, int, int]  # regions, blocks, row bytes
     checksum: str = ""  # "xxh3_64:<hex>"
     namespace_info: str = ""  # JSON description of the namespace, for humans and the CLI
+    event_info: str = ""  # the connector's KV-event description of the chunk; "" when events are off
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +125,8 @@ def encode_header(header: ChunkHeader) -> bytes:
         "checksum": header.checksum,
         "namespace_info": header.namespace_info,
     }
+    if header.event_info:
+        metadata["event_info"] = header.event_info
     body = {
         "__metadata__": metadata,
         TENSOR_NAME: {"dtype": "U8", "shape": list(header.shape), "data_offsets": [0, header.nbytes]},
@@ -188,6 +197,7 @@ def decode_header(raw: bytes) -> ChunkHeader:
             shape=shape,
             checksum=meta["checksum"],
             namespace_info=meta.get("namespace_info", ""),
+            event_info=meta.get("event_info", "") if isinstance(meta.get("event_info"), str) else "",
         )
     except ChunkFileError:
         raise

@@ -3,7 +3,9 @@
 The scheduler side is the folder's :class:`~lmcache_connector.tiers.disk.catalog.DiskCatalog`; the
 worker side is each rank's :class:`~lmcache_connector.tiers.disk.store.DiskTier` writer and reader.
 This module only adapts them: it builds each file's header (format, key, namespace, rank, block
-fingerprints, shape) and turns the file format's errors into misses.
+fingerprints, shape, and the connector's ``event_info`` when KV-cache events are on) and turns the
+file format's errors into misses. Its chunks are announced to routers under vLLM's ``STORAGE``
+medium.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from lmcache_connector.tiers.base import Catalog, ChunkMiss, Medium, Store, StoredChunk, WriteResult
+from lmcache_connector.tiers.base import Catalog, ChunkMiss, HeldChange, Medium, Store, StoredChunk, WriteResult
 from lmcache_connector.tiers.disk.catalog import DiskCatalog
 from lmcache_connector.tiers.disk.format import ChunkFileError, ChunkHeader, ForeignChunkError, rank_tag
 from lmcache_connector.tiers.disk.page_cache import is_cached
@@ -49,6 +51,7 @@ class DiskCatalogTier(Catalog):
     name = "disk"
     hit_source = "disk"
     order = 10
+    event_medium = "STORAGE"
 
     def __init__(self, folder: DiskCatalog, max_bytes: int, asynchronous: bool | str = False):
         self.folder = folder
@@ -99,6 +102,12 @@ class DiskCatalogTier(Catalog):
     def usage(self) -> int:
         return self.folder.used_bytes
 
+    def track_changes(self) -> None:
+        self.folder.track_changes()
+
+    def take_changes(self) -> list[HeldChange]:
+        return [HeldChange(key, held, info) for key, held, info in self.folder.take_changes()]
+
     def capacity(self) -> int:
         return self.max_bytes
 
@@ -107,6 +116,8 @@ class DiskCatalogTier(Catalog):
 
 
 class DiskStore(Store):
+    keeps_event_info = True  # in the file header
+
     def __init__(self, writer: DiskTier, geometry, rank: str, chunk_shape):
         self.writer = writer
         self.rank = rank
@@ -114,7 +125,7 @@ class DiskStore(Store):
         self._namespace_info = json.dumps(asdict(geometry.namespace), sort_keys=True)
         self._chunk_shape = chunk_shape
 
-    def _header(self, key: bytes, block_fps: Sequence[bytes]) -> ChunkHeader:
+    def _header(self, key: bytes, block_fps: Sequence[bytes], event_info: str = "") -> ChunkHeader:
         return ChunkHeader(
             key=key.hex(),
             namespace=self._namespace,
@@ -122,10 +133,18 @@ class DiskStore(Store):
             block_fps=tuple(fp.hex() for fp in block_fps),
             shape=self._chunk_shape(len(block_fps)),
             namespace_info=self._namespace_info,
+            event_info=event_info,
         )
 
-    def submit_write(self, job_id: int, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
-        self.writer.submit_write(job_id, self._header(key, block_fps), regions)
+    def submit_write(
+        self,
+        job_id: int,
+        key: bytes,
+        block_fps: Sequence[bytes],
+        regions: Sequence[memoryview],
+        event_info: str = "",
+    ) -> None:
+        self.writer.submit_write(job_id, self._header(key, block_fps, event_info), regions)
 
     def read_into(self, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
         try:

@@ -21,6 +21,11 @@ A chunk is identified by the fingerprint of its last block; the fingerprints of 
 boundaries are indexed too, so a prompt that diverges inside a chunk still reuses the blocks before
 the divergence. When a chunk is stored that extends a shorter stored chunk of the same prefix (a
 partial last chunk grown to full), the shorter one is dropped: it holds nothing the longer lacks.
+
+With ``track_changes()`` (only when vLLM's KV-cache events are on) the index also records, for
+``take_changes()``, each chunk that became READY (held) and each READY chunk that stopped being
+held: evicted, dropped, discarded or cleared (a pinned one at once, though its slot waits for the
+last unpin: it can no longer be found).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class ChunkIndex:
         self._by_block: dict[bytes, list[ChunkEntry]] = {}
         self.stats = IndexStats()
         self._stored_blocks = 0
+        self._changes: list[tuple[bytes, bool]] | None = None  # (key, held), while tracked
 
     # ------------------------------------------------------------ queries
 
@@ -123,6 +129,25 @@ class ChunkIndex:
     def pinned(self) -> int:
         return sum(e.pins for e in self._entries.values())
 
+    # ------------------------------------------------------------ changes (KV-cache events)
+
+    def track_changes(self) -> None:
+        """Record every READY chunk from now on, starting with those held now."""
+        if self._changes is None:
+            self._changes = [(e.key, True) for e in self._entries.values() if e.state is ChunkState.READY]
+
+    def take_changes(self) -> list[tuple[bytes, bool]]:
+        """``(key, held)`` since the last call, in order."""
+        if not self._changes:
+            return []
+        changes, self._changes = self._changes, []
+        return changes
+
+    def _unheld(self, entry: ChunkEntry) -> None:
+        """``entry`` stops being loadable for good: a READY one was announced as held."""
+        if self._changes is not None and entry.state is ChunkState.READY:
+            self._changes.append((entry.key, False))
+
     # ------------------------------------------------------------ stores
 
     def prepare_store(self, key: bytes, block_fps: tuple[bytes, ...]) -> int | None:
@@ -152,6 +177,8 @@ class ChunkIndex:
                 entry.state = ChunkState.DOOMED
             return
         entry.state = ChunkState.READY
+        if self._changes is not None:
+            self._changes.append((key, True))
         self._drop_shorter_versions(entry)
 
     def _drop_shorter_versions(self, entry: ChunkEntry) -> None:
@@ -184,6 +211,7 @@ class ChunkIndex:
         if entry is None:
             return
         if entry.pins:
+            self._unheld(entry)
             entry.state = ChunkState.DOOMED
         else:
             self._remove(entry)
@@ -196,6 +224,7 @@ class ChunkIndex:
             if entry.pins == 0:
                 self._remove(entry)
             else:
+                self._unheld(entry)
                 entry.state = ChunkState.DOOMED
 
     # ------------------------------------------------------------ eviction
@@ -209,6 +238,7 @@ class ChunkIndex:
         return False
 
     def _remove(self, entry: ChunkEntry) -> None:
+        self._unheld(entry)
         del self._entries[entry.key]
         self._stored_blocks -= entry.num_blocks
         for fp in entry.block_fps:
