@@ -114,7 +114,7 @@ def a_hung_store_costs_a_bounded_wait(first, second, pause: Callable[[], None], 
         fresh = [random_prompt(300, seed=8), random_prompt(300, seed=9)]
         served = second.generate(fresh + prompts, max_tokens=8, logprobs=5)
         elapsed = time.monotonic() - started
-        state = second.call("connector_state", settle=False)
+        marked_down = wait_until_down(second)
     finally:
         resume()
     # The lookup deadline (300 ms) and the blocking timeout (2 s) bound the wait; no request waits
@@ -122,7 +122,20 @@ def a_hung_store_costs_a_bounded_wait(first, second, pause: Callable[[], None], 
     assert elapsed < 15, f"{elapsed:.1f} s with a hung store"
     for out, ref in zip(served[2:], expected, strict=True):
         assert_same_greedy(ref, out)
-    assert not state["tiers"]["remote"]["up"]
+    assert marked_down, "the hung store was never marked down"
+
+
+def wait_until_down(engine, timeout: float = 10.0) -> bool:
+    """Whether the engine marks its remote tier down within ``timeout``: a lookup past its deadline
+    is only a miss; the catalog's call failing at its socket timeout (2 s) marks the tier down."""
+    deadline = time.monotonic() + timeout
+    while True:
+        engine.generate([[5, 6, 7]], max_tokens=1)  # a step (the scheduler polls its catalogs), no lookup
+        if not engine.call("connector_state", settle=False)["tiers"]["remote"]["up"]:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def sharing_resumes_after_a_restart(first, second, kill: Callable[[], None], restart: Callable[[], None]) -> None:

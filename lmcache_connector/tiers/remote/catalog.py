@@ -17,8 +17,10 @@ entry, is a miss.
 Promises:
 
 * **never blocking**: a question is given at most ``LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS``; past that
-  it is a miss and the tier is marked *down*: while down, every lookup is an immediate miss and no
-  write is planned, until a background ``PING`` succeeds (tried after 0.5 s, then at doubling
+  it is a miss (counted; one warning). A call of the background thread that fails (the store
+  refuses, drops the connection, or does not answer within the catalog's socket timeout) marks the
+  tier *down*: while down, every lookup is an immediate miss and no write is planned, until a
+  background ``PING`` succeeds (tried after 0.5 s, then at doubling
   intervals up to 30 s). One warning when the tier goes down, one when it is back; never a
   permanent disable. A freshly asked question may be waited for a few milliseconds
   (:data:`ANSWER_WAIT_S`), which a store on the same machine or network answers within, so a
@@ -106,6 +108,7 @@ class RemoteCatalog(Catalog):
         self._counts: dict[str, float] = {}
         self._next_expiry = 0.0
         self._warned_listing = False
+        self._warned_slow = False
         # Scheduler thread -> background thread: questions, and work that must not wait on the network.
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         # Background thread -> scheduler thread, applied in poll().
@@ -167,8 +170,19 @@ class RemoteCatalog(Catalog):
                 unknown = [fp for fp in block_fps if fp not in self._answers]
         if unknown:
             if time.monotonic() > min(self._asked[fp] for fp in unknown):
+                # A miss for this lookup, counted; not an outage: a store busy taking writes answers
+                # late, and marking it down would drop those writes. A store that does not answer at
+                # all fails the catalog's call within its socket timeout, and that marks it down.
                 self._counts["remote_failures"] = self._counts.get("remote_failures", 0) + 1
-                self._mark_down(f"no answer to a lookup within {self.lookup_timeout_s * 1000:.0f} ms")
+                if not self._warned_slow:
+                    self._warned_slow = True
+                    logger.warning(
+                        "lmcache_connector: the remote tier %s did not answer a lookup within %.0f ms "
+                        "(LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS): a miss; late lookups are counted in "
+                        "remote_failures",
+                        self.client.url,
+                        self.lookup_timeout_s * 1000,
+                    )
                 return None
             return PENDING
         best = None
