@@ -27,6 +27,7 @@ ranks in one process.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
@@ -75,6 +76,8 @@ class Executor:
         self._handled: set[int] = set()  # store/fill ids of the bound step this rank already reported on
         self._write_jobs: dict[int, StoreSpec] = {}  # store id -> store whose writes wait for its bytes
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-fill")
+        self._readers: ThreadPoolExecutor | None = None  # concurrent reads of one background load
+        self._readers_width = 0
         self._idle_step = False  # the current step computes nothing (see finished_loads)
         self._async: dict[str, tuple[AsyncLoad, Future]] = {}  # request id -> its background load
         self.counters = Counters()
@@ -244,14 +247,34 @@ class Executor:
         self._report.failed_stores[fill.store_id] += 1
 
     def _background_fills(self, fills: list[Fill]) -> list[tuple[str, float]]:
-        """A background load's fills, in order; after the first failure the rest are skipped."""
-        outcomes = []
-        for fill in fills:
-            if outcomes and outcomes[-1][0] != "ok":
-                outcomes.append(("skipped", 0.0))
-                continue
-            outcomes.append(self._fill(fill))
-        return outcomes
+        """A background load's fills, in order; after the first failure the rest are skipped (vLLM
+        recomputes from the first failed block). Where every fill's store allows it
+        (``Store.read_concurrency``), up to that many run at once; a fill that already started when
+        an earlier one failed still completes, and its chunk is kept in memory."""
+        width = min((getattr(self.stores.get(fill.tier), "read_concurrency", 1) for fill in fills), default=1)
+        failed = threading.Event()
+
+        def one(fill: Fill) -> tuple[str, float]:
+            if failed.is_set():
+                return "skipped", 0.0
+            outcome = self._fill(fill)
+            if outcome[0] != "ok":
+                failed.set()
+            return outcome
+
+        if width <= 1 or len(fills) <= 1:
+            return [one(fill) for fill in fills]
+        return list(self._fill_readers(width).map(one, fills))
+
+    def _fill_readers(self, width: int) -> ThreadPoolExecutor:
+        """The threads that read one background load's fills at once (the loads themselves run one
+        at a time on the background thread, so one pool serves them all)."""
+        if self._readers is None or self._readers_width != width:
+            if self._readers is not None:
+                self._readers.shutdown(wait=False)
+            self._readers = ThreadPoolExecutor(max_workers=width, thread_name_prefix="lmcache-fill-read")
+            self._readers_width = width
+        return self._readers
 
     def wait_background(self, timeout: float | None = None) -> None:
         """Wait until every background fill submitted so far is done (tests use it for determinism)."""
@@ -437,6 +460,8 @@ class Executor:
                 if spec is not None:
                     self._submit_writes(spec)
         self._background.shutdown(wait=True, cancel_futures=True)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
         for store in self.stores.values():
             store.close(self.config.disk_flush_timeout_secs)
         if self.pool is not None:

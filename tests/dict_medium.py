@@ -32,7 +32,7 @@ from lmcache_connector.tiers.base import (
 # namespace digest -> rank -> key -> (block fps, bytes of each region)
 CHUNKS: dict[str, dict[str, dict[bytes, tuple[tuple[bytes, ...], list[bytes]]]]] = {}
 LOCK = threading.Lock()
-STATS = {"reads": 0, "failed_reads": 0, "writes": 0, "pending_answers": 0}
+STATS = {"reads": 0, "failed_reads": 0, "writes": 0, "pending_answers": 0, "reading": 0, "most_reading": 0}
 
 
 def _settings() -> dict[str, float]:
@@ -42,6 +42,7 @@ def _settings() -> dict[str, float]:
         "asynchronous": os.environ.get("DICT_TIER_ASYNC", "0") == "1",
         "pending": int(os.environ.get("DICT_TIER_PENDING", "0")),
         "seed": int(os.environ.get("DICT_TIER_SEED", "0")),
+        "read_concurrency": int(os.environ.get("DICT_TIER_READ_CONCURRENCY", "1")),
     }
 
 
@@ -148,6 +149,7 @@ class DictStore(Store):
         self.rank = rank
         self.delay_s = settings["delay_s"]
         self.fail_rate = settings["fail_rate"]
+        self.read_concurrency = settings["read_concurrency"]
         self._rng = random.Random(settings["seed"] * 1000 + zlib.crc32(rank.encode()) % 1000)
         self._results: list[WriteResult] = []
 
@@ -162,6 +164,16 @@ class DictStore(Store):
         self._results.append(WriteResult(job_id, True, sum(len(d) for d in data)))
 
     def read_into(self, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
+        with LOCK:
+            STATS["reading"] += 1
+            STATS["most_reading"] = max(STATS["most_reading"], STATS["reading"])
+        try:
+            self._read_into(key, block_fps, regions)
+        finally:
+            with LOCK:
+                STATS["reading"] -= 1
+
+    def _read_into(self, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
         if self.delay_s:
             time.sleep(self.delay_s)
         with LOCK:

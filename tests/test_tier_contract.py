@@ -23,7 +23,13 @@ DOCUMENT_TOKENS = 128  # 4 chunks of 32 tokens: the memory tier holds one docume
 def make_sim(tmp_path, monkeypatch):
     clear_lmcache_env(monkeypatch)
     monkeypatch.setenv(EXTRA_TIERS_ENV, "dict_medium:DictMedium")
-    for name in ("DICT_TIER_DELAY_S", "DICT_TIER_FAIL_RATE", "DICT_TIER_ASYNC", "DICT_TIER_PENDING"):
+    for name in (
+        "DICT_TIER_DELAY_S",
+        "DICT_TIER_FAIL_RATE",
+        "DICT_TIER_ASYNC",
+        "DICT_TIER_PENDING",
+        "DICT_TIER_READ_CONCURRENCY",
+    ):
         monkeypatch.delenv(name, raising=False)
     dict_medium.forget_everything()
     factory = SimFactory(tmp_path)
@@ -81,6 +87,15 @@ def test_asynchronous_fills_load_in_the_background(make_sim):
     sim.assert_clean()
 
 
+def test_a_store_that_allows_it_reads_a_loads_chunks_at_once(make_sim):
+    sim = make_sim(DICT_TIER_ASYNC="1", DICT_TIER_DELAY_S="0.05", DICT_TIER_READ_CONCURRENCY="4")
+    document = _document_then_others(sim)
+    again = _serve(sim, document + [7, 8, 9])
+    assert sim.external_tokens[again] == [DOCUMENT_TOKENS, 0]
+    assert dict_medium.STATS["reads"] == 4 and dict_medium.STATS["most_reading"] > 1
+    sim.assert_clean()  # the KV of every loaded block checked, as always
+
+
 def test_a_pending_catalog_makes_vllm_ask_again(make_sim):
     sim = make_sim(DICT_TIER_PENDING="3")
     document = _document_then_others(sim)
@@ -99,9 +114,14 @@ def test_stale_entries_are_misses_and_recomputes(make_sim):
     sim.assert_clean()
 
 
-@pytest.mark.parametrize("asynchronous", ["0", "1"])
-def test_failing_reads_never_put_wrong_kv_in_attention(make_sim, asynchronous):
-    sim = make_sim(DICT_TIER_FAIL_RATE="0.5", DICT_TIER_ASYNC=asynchronous, DICT_TIER_SEED="3")
+@pytest.mark.parametrize("asynchronous,readers", [("0", "1"), ("1", "1"), ("1", "4")])
+def test_failing_reads_never_put_wrong_kv_in_attention(make_sim, asynchronous, readers):
+    sim = make_sim(
+        DICT_TIER_FAIL_RATE="0.5",
+        DICT_TIER_ASYNC=asynchronous,
+        DICT_TIER_SEED="3",
+        DICT_TIER_READ_CONCURRENCY=readers,
+    )
     documents = [random_prompt(DOCUMENT_TOKENS, seed=s) for s in range(3)]
     for round_ in range(3):
         for i, document in enumerate(documents):

@@ -195,6 +195,9 @@ class Store(ABC):
     # True: ``submit_write`` also takes ``event_info=`` (text to keep with the chunk and hand back
     # through the catalog's ``HeldChange`` after a restart).
     keeps_event_info: bool = False
+    # How many fills of one background load may read from this store at once (``read_into`` is then
+    # called from that many threads): more than 1 where a read waits on the network, not the CPU.
+    read_concurrency: int = 1
 
     @abstractmethod
     def submit_write(self, job_id: int, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:

@@ -55,6 +55,10 @@ BACKOFF_MAX_S = 30.0
 
 
 class RemoteStore(Store):
+    # A load's chunks are read concurrently: each read waits on the network (an S3 GET is tens of
+    # milliseconds), and every client is thread-safe with a pool of connections.
+    read_concurrency = 4
+
     def __init__(
         self,
         client: RemoteClient,
