@@ -45,7 +45,7 @@ class PutItem:
     """One value to write and the block entries that point to it (each holding ``side_value``)."""
 
     key: str
-    value: bytes | memoryview
+    value: bytes | memoryview | Sequence[bytes | memoryview]  # pieces: only for ``takes_value_pieces``
     side_keys: Sequence[str] = ()
     side_value: str | None = None
 
@@ -111,6 +111,8 @@ class RemoteClient(Protocol):
     # (lmcache_server): ``get_into(key, expect, regions) -> bool``, :func:`~.value.receive_value`
     # over the value; False when there is none; raises a :class:`~.value.RemoteValueError` for a
     # value that is not ``expect``'s chunk.
+    # Optional: ``takes_value_pieces = True`` where ``put`` also takes a value as its pieces in order
+    # (the header, then the memory slot's regions), so the writer sends them without joining them.
     # Optional, where a store lists cheaply (S3): ``list_keys(prefix, limit) -> list[str]``, the
     # keys that start with ``prefix``, at most ``limit`` of them.
 

@@ -261,6 +261,11 @@ class _Connection:
             pass
 
 
+def _byte_view(piece: bytes | memoryview) -> memoryview:
+    view = memoryview(piece)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 def _left(deadline: float) -> float:
     left = deadline - time.monotonic()
     if left <= 0:
@@ -276,6 +281,9 @@ class LMServerClient:
     # One entry a chunk: each is a request, read back one round trip at a time, and held forever in
     # a server without a memory bound.
     entry_every_block = False
+    # put() takes a value as its pieces (the header, then the memory slot's regions), sent one after
+    # another: no copy of the chunk into one buffer first.
+    takes_value_pieces = True
 
     def __init__(self, url: RemoteUrl, options: LMOptions):
         if url.kind != "lm":
@@ -350,32 +358,34 @@ class LMServerClient:
     def put(
         self,
         key: str,
-        value: bytes | memoryview,
+        value: bytes | memoryview | Sequence[bytes | memoryview],
         side_keys: Sequence[str] = (),
         ttl: int | None = None,
         side_value: str | None = None,
     ) -> None:
-        """Write the value, then the block entries (each holding ``side_value``, by default the
-        value's key), then a HEALTH whose answer confirms them; ``ttl`` is ignored (the server keeps
-        everything).
+        """Write the value (one buffer, or its pieces in order: ``takes_value_pieces``), then the
+        block entries (each holding ``side_value``, by default the value's key), then a HEALTH whose
+        answer confirms them; ``ttl`` is ignored (the server keeps everything).
 
         Returns once everything is sent; the answer is read by the next call of this client (any
         thread) before it sends anything, or by :meth:`close`. So a writer encodes its next chunk
         while the server is still taking this one (benchmarks/README.md: about 0.1x more of the raw
         socket's store throughput than waiting for each answer), and every later read of this
         client still sees the write. A write lost with its connection is a future miss."""
-        view = memoryview(value).cast("B") if not isinstance(value, bytes) else memoryview(value)
-        if len(view) > MAX_LENGTH:
-            raise ValueError(f"a {len(view)}-byte value does not fit lmcache_server's int32 length")
+        pieces = [_byte_view(piece) for piece in (value if isinstance(value, (list, tuple)) else [value])]
+        length = sum(len(piece) for piece in pieces)
+        if length > MAX_LENGTH:
+            raise ValueError(f"a {length}-byte value does not fit lmcache_server's int32 length")
         entry = (key if side_value is None else side_value).encode()
-        header = _request(PUT, lm_key(key), len(view))
+        header = _request(PUT, lm_key(key), length)
         # The entries and the closing HEALTH go in one send: small frames, no reply in between.
         tail = b"".join(_request(PUT, lm_key(side), len(entry)) + entry for side in side_keys)
         tail += _request(HEALTH, HEALTH_KEY)
 
         def store(conn: _Connection, deadline: float) -> None:
             conn.send(header, deadline)
-            conn.send(view, deadline)
+            for piece in pieces:
+                conn.send(piece, deadline)
             conn.send(tail, deadline)
             conn.owed += 1
 

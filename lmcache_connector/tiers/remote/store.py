@@ -43,6 +43,7 @@ from lmcache_connector.tiers.remote.value import (
     ValueHeader,
     decode_value,
     encode_block_entry,
+    encode_value,
     encode_value_into,
 )
 
@@ -193,7 +194,10 @@ class RemoteStore(Store):
                 continue
             try:
                 header = self._header(key, block_fps)
-                value = encode_value_into(header, regions, self._buffer(len(items)))
+                if getattr(self.client, "takes_value_pieces", False):
+                    value = encode_value(header, regions)  # sent piece by piece, straight from the slot
+                else:
+                    value = encode_value_into(header, regions, self._buffer(len(items)))
             except Exception as exc:  # a bug must fail this write, not the writer thread
                 logger.warning("Writing chunk %s to the remote tier failed: %s", key.hex()[:12], exc)
                 self._finish(WriteResult(job_id, False))
