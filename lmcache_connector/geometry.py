@@ -25,3 +25,11 @@ class Geometry:
     @property
     def slot_bytes(self) -> int:
         return self.blocks_per_chunk * self.block_bytes
+
+    def summary(self) -> str:
+        """The start-up log's account of the memory tier and the namespace (connector and engine API)."""
+        ns = self.namespace
+        return (
+            f"memory tier {self.num_slots} chunk slots of {self.slot_bytes / 2**20:.1f} MiB; namespace "
+            f"{ns.digest().hex()[:12]} (model {ns.model}, {ns.kv_dtype}, {ns.kv_layout})"
+        )

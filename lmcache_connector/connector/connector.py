@@ -111,16 +111,7 @@ class LMCacheConnector(KVConnectorBase_V1):
 
     def _log_start(self) -> None:
         g = self.geometry
-        logger.info(
-            "lmcache_connector: %s; memory tier %d chunk slots of %.1f MiB; namespace %s (model %s, %s, %s)",
-            describe(self.config),
-            g.num_slots,
-            g.slot_bytes / 2**20,
-            g.namespace.digest().hex()[:12],
-            g.namespace.model,
-            g.namespace.kv_dtype,
-            g.namespace.kv_layout,
-        )
+        logger.info("lmcache_connector: %s; %s", describe(self.config), g.summary())
         if self.events is not None:
             logger.info(
                 "lmcache_connector: KV-cache events on: announcing %s",

@@ -349,16 +349,7 @@ class KVCache:
 
     def _log_start(self) -> None:
         g = self.geometry
-        logger.info(
-            "lmcache_connector engine API: %s; memory tier %d chunk slots of %.1f MiB; namespace %s (model %s, %s, %s)",
-            describe(self.config),
-            g.num_slots,
-            g.slot_bytes / 2**20,
-            g.namespace.digest().hex()[:12],
-            g.namespace.model,
-            g.namespace.kv_dtype,
-            g.namespace.kv_layout,
-        )
+        logger.info("lmcache_connector engine API: %s; %s", describe(self.config), g.summary())
         for tier in self.config.unavailable_tiers():
             logger.warning("lmcache_connector: %s is not available in this version; running without it", tier)
         if g.num_slots == 0:
