@@ -5,6 +5,8 @@ never wrong KV in attention."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import redis_servers as rs
 from sim_harness import SimFactory, clear_lmcache_env
@@ -94,13 +96,16 @@ def test_a_shard_gone_or_damaged_at_read_time_is_recomputed_on_every_rank(instan
     store = second.workers[1].executor.stores["remote"]
     read_into = store.read_into
 
-    damaged = []
+    damaged = threading.Lock()
+    done = threading.Event()
 
     def damaged_just_before_reading(chunk_key, block_fps, regions):
-        # The lookup saw every shard; between it and this rank's first read, Redis lost or mangled one.
-        if not damaged:
-            damaged.append(key)
-            _damage(instances.server, key, damage)
+        # The lookup saw every shard; between it and this rank's first read, Redis lost or mangled
+        # one. A load's chunks are read concurrently: every read waits until the damage is done.
+        with damaged:
+            if not done.is_set():
+                _damage(instances.server, key, damage)
+                done.set()
         return read_into(chunk_key, block_fps, regions)
 
     store.read_into = damaged_just_before_reading
