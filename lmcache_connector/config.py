@@ -181,8 +181,6 @@ class LMCacheConfig:
         tiers = []
         if self.remote_url and self.parsed_remote_url.kind not in SERVED_REMOTE_KINDS:
             tiers.append(f"remote tier (LMCACHE_REMOTE_URL={redacted_url(self.remote_url)})")
-        if self.enable_p2p:
-            tiers.append("peer-to-peer sharing (LMCACHE_ENABLE_P2P)")
         return tiers
 
 
@@ -769,6 +767,9 @@ def describe(config: LMCacheConfig) -> str:
     if config.remote_url and config.parsed_remote_url.kind in SERVED_REMOTE_KINDS:
         ttl = f"TTL {config.remote_ttl_secs} s" if config.remote_ttl_secs else "no TTL"
         tiers.append(f"remote {redacted_url(config.remote_url)} ({ttl})")
+    if config.enable_p2p and config.lookup_url:
+        auth = "token" if config.p2p_auth_token or config.p2p_auth_token_file else "no token"
+        tiers.append(f"peer {config.distributed_url} via {redacted_url(config.lookup_url)} ({auth})")
     return (
         f"tiers: {', '.join(tiers) or 'none'}; chunk_size={config.chunk_size}; "
         f"save_unfull_chunk={config.save_unfull_chunk}; load_failure_policy={config.load_failure_policy}"

@@ -5,7 +5,7 @@ and vLLM collects them once per step through ``get_kv_connector_stats``: the wor
 summed across ranks and merged with the scheduler's, and only the flat ``dict`` travels to the
 front end, where :mod:`lmcache_connector.connector.metrics` turns it into Prometheus series.
 
-Keys of the dict (``tier`` is ``memory``, ``disk`` or ``remote``):
+Keys of the dict (``tier`` is ``memory``, ``disk``, ``peer`` or ``remote``):
 
 * counters (summed across workers and steps):
   ``requested_tokens``, ``hit_tokens``, ``hit_tokens.<tier>``, ``lookups``,
@@ -13,7 +13,8 @@ Keys of the dict (``tier`` is ``memory``, ``disk`` or ``remote``):
   ``evictions.<tier>``, ``dropped_stores``, ``failed_loads``, ``failed_stores.<tier>``,
   ``dropped_writes.<tier>`` (writes a secondary tier dropped: its queue was full or it was down),
   ``bad_values.<tier>`` (values under a valid key that were not the chunk asked for),
-  ``remote_failures`` (calls to a remote store that failed or timed out);
+  ``remote_failures`` (calls to a remote store, a peer or the P2P registry that failed or timed out),
+  ``served_chunks.peer`` and ``served_bytes.peer`` (chunks this instance's peer servers sent);
 * gauges (the latest value wins; set by the scheduler): ``usage_bytes.<tier>``, ``capacity_bytes.<tier>``,
   ``tier_up.<tier>`` (1 while a secondary tier is reachable, 0 while it is down).
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-TIERS = ("memory", "disk", "remote")
+TIERS = ("memory", "disk", "peer", "remote")
 GAUGE_PREFIXES = ("usage_bytes.", "capacity_bytes.", "tier_up.")
 
 

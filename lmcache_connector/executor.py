@@ -20,6 +20,12 @@ the plan; a custom engine can do the same). One instance per rank:
   the request's blocks on this thread and are reported finished (done or failed).
 * ``take_report`` — per job, this rank's outcome (done or failed), for the scheduler's ledger.
 
+The worker also keeps a :class:`~lmcache_connector.tiers.memory.slots.SlotTable`: which chunk each
+memory slot holds, with per-slot generations. A slot is marked as being overwritten before any
+store or fill into it (before a device copy is issued), and as holding its chunk once the bytes
+are complete; stores that serve other instances (the peer tier) read slots only through it, so a
+chunk evicted while it is copied out is a miss for the peer, never torn bytes.
+
 The worker's rank is a parameter (vLLM's parallel state in production), so tests can run several
 ranks in one process.
 """
@@ -43,6 +49,7 @@ from lmcache_connector.plan import FAILED_SLOT, AsyncLoad, Fill, LoadSpec, StepP
 from lmcache_connector.tiers.base import ChunkMiss, Medium, Store
 from lmcache_connector.tiers.memory.pool import MemoryPool
 from lmcache_connector.tiers.memory.prefault import populate_in_background
+from lmcache_connector.tiers.memory.slots import Shape, SlotTable
 
 logger = logging.getLogger("lmcache_connector")
 
@@ -75,6 +82,8 @@ class Executor:
         self._filled: dict[int, float] = {}  # slot filled this step -> seconds it took
         self._handled: set[int] = set()  # store/fill ids of the bound step this rank already reported on
         self._write_jobs: dict[int, StoreSpec] = {}  # store id -> store whose writes wait for its bytes
+        self._storing: dict[int, StoreSpec] = {}  # store id -> store whose bytes are not complete yet
+        self.slots = SlotTable(0, self._copy_slot_out)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmcache-fill")
         self._readers: ThreadPoolExecutor | None = None  # concurrent reads of one background load
         self._readers_width = 0
@@ -111,7 +120,10 @@ class Executor:
                 stores[medium.name] = store
         self.paged, self.pool, self.stores = paged, pool, stores
         self._slot_valid = bytearray(num_slots)
+        self.slots = SlotTable(num_slots, self._copy_slot_out)
         self.mover = make_block_mover(paged)
+        for store in stores.values():
+            store.attach(self.slots, stores)
         if paged.device.type == "cpu":
             # vLLM's CPU KV cache is committed page by page on first write. Loads write whole
             # chunks of blocks at once, so after a start every first hit would pay for those page
@@ -191,6 +203,9 @@ class Executor:
         self._idle_step = plan.idle
         self._filled = {}
         self._handled = set()
+        if plan.forget_slots:
+            self.slots.forget_all()
+            self._storing.clear()  # stores from before the reset: their slots are not served
         # Every slot handed out this step holds nothing loadable until its fill or store completes.
         for slot in plan.new_slots:
             self._invalidate(slot)
@@ -198,6 +213,17 @@ class Executor:
     def _invalidate(self, slot: int) -> None:
         if 0 <= slot < len(self._slot_valid):
             self._slot_valid[slot] = 0
+            self.slots.overwriting(slot)
+
+    def _copy_slot_out(self, slot: int, shape: Shape, into: memoryview) -> None:
+        """The slot's first ``shape[1]`` blocks into ``into``, as ``[regions, blocks, row bytes]``
+        (a peer server's thread)."""
+        regions, blocks, row = shape
+        torch.frombuffer(into, dtype=torch.uint8).view(regions, blocks, row).copy_(self.pool.slot(slot, blocks))
+
+    def _holds(self, slot: int, key: bytes, block_fps) -> None:
+        if key and block_fps:
+            self.slots.holds(slot, key, block_fps, self.paged.chunk_shape(len(block_fps)))
 
     def _run_fills(self, fills: list[Fill]) -> None:
         """Fills: read each chunk into its slot; the slot is valid only once verified."""
@@ -223,8 +249,12 @@ class Executor:
         started = time.perf_counter()
         try:
             self.pool.note_used(fill.slot)
+            self.slots.overwriting(fill.slot)
             view = self.pool.slot(fill.slot, len(fill.block_fps))
-            store.read_into(fill.key, fill.block_fps, _regions(view))
+            if fill.sources:
+                store.read_into(fill.key, fill.block_fps, _regions(view), sources=fill.sources)
+            else:
+                store.read_into(fill.key, fill.block_fps, _regions(view))
         except ChunkMiss as exc:
             logger.warning("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
             return ("gone" if exc.gone else "failed"), 0.0
@@ -238,6 +268,7 @@ class Executor:
         result, seconds = outcome
         if result == "ok":
             self._slot_valid[fill.slot] = 1
+            self._holds(fill.slot, fill.key, fill.block_fps)
             self._filled[fill.slot] = (fill.tier, seconds)
             self._report.stored[fill.store_id] += 1
             return
@@ -361,6 +392,7 @@ class Executor:
                     self._fail_store(spec)
                     continue
                 self._slot_valid[spec.slot] = 1
+                self._storing[spec.store_id] = spec
                 self.counters.add("stored_bytes.memory", len(spec.block_ids) * self.paged.block_bytes)
                 self.counters.add("store_seconds.memory", time.perf_counter() - started)
                 if spec.writes:
@@ -394,6 +426,9 @@ class Executor:
         """Stores whose bytes are complete: report them, and queue their writes behind memory."""
         for store_id in store_ids:
             self._report.stored[store_id] += 1
+            stored = self._storing.pop(store_id, None)
+            if stored is not None:
+                self._holds(stored.slot, stored.key, stored.block_fps)
             spec = self._write_jobs.pop(store_id, None)
             if spec is not None:
                 self._submit_writes(spec)
@@ -462,7 +497,7 @@ class Executor:
         self._background.shutdown(wait=True, cancel_futures=True)
         if self._readers is not None:
             self._readers.shutdown(wait=True)
-        for store in self.stores.values():
+        for store in reversed(list(self.stores.values())):  # a store that reads others (the peer tier) first
             store.close(self.config.disk_flush_timeout_secs)
         if self.pool is not None:
             self.pool.close()  # unregisters pinned pages (CUDA)

@@ -44,6 +44,7 @@ class Fill:
     key: bytes
     block_fps: list[bytes]  # every block boundary of the chunk
     first_block: int = 0  # the chunk's first block in the request's prompt
+    sources: list[str] = field(default_factory=list)  # where to read it (the peer tier: its holders)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class StepPlan:
     prefix_blocks: dict[str, list[int]] = field(default_factory=dict)  # request id -> its blocks up to its last store
     new_slots: list[int] = field(default_factory=list)  # every slot handed out this step, sent or not
     idle: bool = False  # vLLM scheduled no tokens: the step only waits for background loads
+    forget_slots: bool = False  # a cache reset: no slot's bytes may be served to peers any more
 
 
 @dataclass

@@ -26,6 +26,9 @@ fingerprints and the block ids it was given. Each step:
 * ``take_changes`` — with ``track_changes`` on (vLLM's KV-cache events), which chunks each
   announced tier (memory, and every secondary naming an ``event_medium``) started or stopped
   holding; the glue (:mod:`lmcache_connector.connector.kv_events`) turns them into vLLM's events.
+  The same changes go, every step, to each catalog that ``watches_holdings`` (the peer tier
+  publishes what this instance holds); a reset also tells the workers to stop serving their
+  memory slots to peers (``StepPlan.forget_slots``).
 
 Only the prompt is cached (as LMCache does by default): decode tokens vary from request to request.
 Requests with prompt embeddings are never cached: their placeholder token ids do not say what the
@@ -153,6 +156,14 @@ class Planner:
         self.failed_blocks = FailedBlocks(geometry.block_size)
         self.secondaries: list[Catalog] = self._open_secondaries(media)
         self._tiers = {c.name: c for c in self.secondaries}
+        # Changes of what the tiers hold: for catalogs that watch them (the peer tier publishes
+        # them) and, once track_changes() was called, for the KV-cache events (kept until taken).
+        self._watchers = [c for c in self.secondaries if c.watches_holdings]
+        self._announcing = False
+        self._announced: list[tuple[str, HeldChange]] = []
+        self._forget_slots = False  # a reset since the last plan: workers stop serving their slots
+        if self._watchers:
+            self._track_tiers()
 
     def _open_secondaries(self, media: list[Medium]) -> list[Catalog]:
         catalogs = [c for c in (m.catalog(self.config, self.geometry) for m in media) if c is not None]
@@ -323,6 +334,7 @@ class Planner:
                 key,
                 list(piece.entry.block_fps),
                 piece.chunk * self.geometry.blocks_per_chunk,
+                list(getattr(piece.entry, "sources", ())),  # where to read it (a peer: its holders)
             )
         )
         return LoadSpec(slot, first_block, block_ids)
@@ -393,8 +405,10 @@ class Planner:
             self._load_pins[plan.step] = step_pins
             self._load_steps.expect(plan.step)
         plan.new_slots, self._new_slots = self._new_slots, []  # this step's lookups and stores
+        plan.forget_slots, self._forget_slots = self._forget_slots, False
         self._building = None
         self._update_gauges()
+        self._collect_changes()
         return plan
 
     def abandon_step(self) -> None:
@@ -517,6 +531,7 @@ class Planner:
         self._apply_write_reports(report)
         if report.worker_disabled and not self.disabled:
             self._disable()
+        self._collect_changes()  # what became held is published now, not at the next request's step
 
     def _resolve_store(self, store_id: int, ok: bool) -> None:
         """Every rank reported a store or fill (or it was never sent): the chunk is READY or gone."""
@@ -623,13 +638,19 @@ class Planner:
         for catalog in self.secondaries:
             catalog.clear([key for (name, _), (key, _) in self._write_jobs.items() if name == catalog.name])
         self._doomed_writes.update(self._write_jobs)
+        self._forget_slots = True
         self._update_gauges()
+        self._collect_changes()
         return True
 
     # ------------------------------------------------------------ KV-cache events
 
     def track_changes(self) -> None:
         """Record, from now on, which chunks each announced tier starts and stops holding."""
+        self._announcing = True
+        self._track_tiers()
+
+    def _track_tiers(self) -> None:
         self.index.track_changes()
         for catalog in self.secondaries:
             if catalog.event_medium is not None:
@@ -641,11 +662,27 @@ class Planner:
 
     def take_changes(self) -> list[tuple[str, HeldChange]]:
         """``(tier, change)`` since the last call: per tier in order (empty unless tracked)."""
-        changes = [("memory", HeldChange(key, held)) for key, held in self.index.take_changes()]
+        self._collect_changes()
+        changes, self._announced = self._announced, []
+        return changes
+
+    def _collect_changes(self) -> None:
+        """Take the tiers' changes once, for the watching catalogs and the KV-cache events."""
+        if not (self._watchers or self._announcing):
+            return
+        changes = []
+        for key, held in self.index.take_changes():
+            entry = self.index.get(key) if held else None
+            changes.append(("memory", HeldChange(key, held, block_fps=entry.block_fps if entry is not None else ())))
         for catalog in self.secondaries:
             if catalog.event_medium is not None:
                 changes.extend((catalog.name, change) for change in catalog.take_changes())
-        return changes
+        if not changes:
+            return
+        for watcher in self._watchers:
+            watcher.holdings_changed(changes)
+        if self._announcing:
+            self._announced.extend(changes)
 
     def shutdown(self) -> None:
         for catalog in self.secondaries:

@@ -29,6 +29,7 @@ SLOW_MODULES = {
     "test_ops_triton.py": "Triton's interpreter runs every kernel instance in Python",
     "test_redis_sentinel_cluster.py": "Sentinels take seconds to find each other and to fail over; a cluster to form",
     "test_sim_remote.py": "several simulated engines with tensor parallelism, each building vLLM's scheduler",
+    "test_sim_peer.py": "several simulated engines with tensor parallelism, each building vLLM's scheduler",
     "test_s3_client.py": "a real moto_server (a Python HTTP server: every S3 call a real request) and timeout checks",
     "test_peer_registry_cluster.py": "a Redis Cluster takes seconds to form",
     "test_engine_api_processes.py": "fresh interpreters that import torch and transformers and load a model",

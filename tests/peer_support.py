@@ -89,6 +89,30 @@ class PoolSource:
         return self.table.read(key, block_fps, scratch)
 
 
+def free_ports(count: int) -> int:
+    """A port such that it and the ``count - 1`` after it are free now (an instance's peer servers
+    listen on ``LMCACHE_DISTRIBUTED_URL``'s port + each worker's rank)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = probe.getsockname()[1]
+        if first + count > 65535:
+            continue
+        probes = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                probes.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in probes:
+                sock.close()
+    raise RuntimeError("no run of free ports")
+
+
 # ---------------------------------------------------------------- peers that misbehave
 
 

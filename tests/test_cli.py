@@ -350,3 +350,21 @@ def test_check_remote_passes_a_reachable_store_and_fails_an_unreachable_one(tmp_
 def test_without_check_remote_the_store_is_not_contacted():
     result = run("config", env={"LMCACHE_REMOTE_URL": "redis://127.0.0.1:1"})
     assert result.returncode == 0 and "check-remote" not in result.stdout + result.stderr
+
+
+def test_check_remote_pings_the_p2p_lookup_registry(tmp_path):
+    import redis_servers as rs
+
+    with rs.redis_server(tmp_path / "registry") as server:
+        env = {
+            "LMCACHE_ENABLE_P2P": "True",
+            "LMCACHE_LOOKUP_URL": f"redis://127.0.0.1:{server.port}",
+            "LMCACHE_DISTRIBUTED_URL": "127.0.0.1:8200",
+        }
+        good = run("config", "--check-remote", env=env)
+        assert good.returncode == 0, good.stderr
+        assert "P2P lookup registry (LMCACHE_LOOKUP_URL)" in good.stdout and "answers" in good.stdout
+        assert "not available in this version" not in good.stdout + good.stderr
+    gone = run("config", "--check-remote", env=env)
+    assert gone.returncode == 1
+    assert "P2P lookup registry (LMCACHE_LOOKUP_URL)" in gone.stderr and "not usable" in gone.stderr

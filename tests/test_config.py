@@ -55,7 +55,7 @@ def test_every_documented_variable_is_read_from_the_environment():
     assert config.log_level == "DEBUG" and config.model_name == "meta-llama/Llama-3-8B"
     assert config.max_local_cpu_bytes == int(2.5 * 1024**3)
     assert load_config(env={"LMCACHE_LOCAL_CPU": "0"}).max_local_cpu_bytes == 0  # the memory tier off
-    assert config.unavailable_tiers() == ["peer-to-peer sharing (LMCACHE_ENABLE_P2P)"]  # Redis remote is served
+    assert config.unavailable_tiers() == []  # the Redis remote tier and P2P are served
 
 
 def test_priority_is_file_then_env_then_extra_config(tmp_path):

@@ -59,7 +59,7 @@ def _document_then_others(sim, seed: int = 1) -> list[int]:
 
 
 def test_the_medium_is_registered_from_outside_the_package():
-    assert [m.name for m in media("dict_medium:DictMedium")] == ["disk", "remote", "dict"]
+    assert [m.name for m in media("dict_medium:DictMedium")] == ["disk", "peer", "remote", "dict"]
     with pytest.raises(ValueError, match="module:factory"):
         media("dict_medium")
     with pytest.raises(ValueError, match="cannot import"):

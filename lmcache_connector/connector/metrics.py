@@ -11,7 +11,7 @@ the connector's ``build_kv_connector_stats``. The dict's keys are documented in
   the Prometheus series below, which vLLM serves on ``/metrics``.
 
 Every series carries vLLM's labels ``model_name`` and ``engine``; those marked *tier* also carry
-``tier`` (``memory``, ``disk``, ``remote``). Counters are exposed with prometheus_client's ``_total`` suffix.
+``tier`` (``memory``, ``disk``, ``peer``, ``remote``). Counters are exposed with prometheus_client's ``_total`` suffix.
 
 ==============================================  =======  ====  ================================================
 series                                          type     tier  meaning
@@ -31,7 +31,9 @@ series                                          type     tier  meaning
 ``lmcache_connector_failed_loads_total``        counter        loads that failed (vLLM recomputed the blocks)
 ``lmcache_connector_failed_stores_total``       counter  yes   stores a tier could not complete (a future miss)
 ``lmcache_connector_dropped_stores_total``      counter        stores skipped because no room could be made
-``lmcache_connector_remote_failures_total``     counter        failed calls to a remote store or a peer
+``lmcache_connector_remote_failures_total``     counter        failed calls to a remote store, a peer or the registry
+``lmcache_connector_served_chunks_total``       counter  yes   chunks this instance sent to peers (``peer``)
+``lmcache_connector_served_bytes_total``        counter  yes   KV bytes of those chunks
 ``lmcache_connector_dropped_writes_total``      counter  yes   writes a secondary tier dropped (queue full, down)
 ``lmcache_connector_bad_values_total``          counter  yes   values found that were not the chunk asked for
 ``lmcache_connector_tier_up``                   gauge    yes   1 while a secondary tier is reachable, 0 when down
@@ -155,7 +157,9 @@ SERIES = (
     Series("failed_loads", "Loads that failed; vLLM recomputed those blocks."),
     Series("failed_stores", "Stores a tier could not complete (a future miss).", per_tier=True),
     Series("dropped_stores", "Stores skipped because no room could be made."),
-    Series("remote_failures", "Failed calls to a remote store or a peer."),
+    Series("remote_failures", "Failed calls to a remote store, a peer or the P2P lookup registry."),
+    Series("served_chunks", "Chunks this instance's peer servers sent to other instances.", per_tier=True),
+    Series("served_bytes", "KV bytes of the chunks sent to other instances.", per_tier=True),
     Series("dropped_writes", "Writes a secondary tier dropped: its queue was full or it was down.", per_tier=True),
     Series("bad_values", "Values found under a valid key that were not the chunk asked for.", per_tier=True),
     Series("tier_up", "1 while a secondary tier is reachable, 0 while it is down.", gauge=True, per_tier=True),

@@ -32,6 +32,11 @@ records every chunk it starts or stops holding, and ``take_changes`` hands them 
 ``Store.keeps_event_info`` when it keeps the connector's ``event_info`` text with the chunk (the
 disk tier: in the file header), so the chunk can be announced again after a restart.
 
+A medium that follows what this instance holds (the peer tier publishes it to a registry) sets
+``Catalog.watches_holdings``: the planner then hands it, through ``holdings_changed``, every chunk
+the memory tier and each announced secondary start or stop holding (the same changes the KV-cache
+events use). Its store may ``attach`` to the rank's memory slots and other stores, to read them.
+
 Registering a medium from outside the package: :mod:`lmcache_connector.tiers.registry`.
 """
 
@@ -63,10 +68,14 @@ class ChunkMiss(Exception):
 
 @dataclass(frozen=True)
 class StoredChunk:
-    """A chunk a catalog knows of: its key (the fingerprint of its last block) and every block boundary."""
+    """A chunk a catalog knows of: its key (the fingerprint of its last block) and every block boundary.
+
+    ``sources``: where a fill may read it (the peer tier: the instances holding it, as the registry
+    names them); empty when the medium's store knows by itself."""
 
     key: bytes
     block_fps: tuple[bytes, ...]
+    sources: tuple[str, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -78,11 +87,13 @@ class HeldChange:
     """A chunk a catalog started (``held``) or stopped holding, for the KV-cache events.
 
     ``event_info`` is what the medium kept with the chunk (``Store.keeps_event_info``), read back
-    when the catalog found the chunk itself (at start, or in a rescan); empty otherwise."""
+    when the catalog found the chunk itself (at start, or in a rescan); empty otherwise.
+    ``block_fps``: the chunk's block boundaries, on a ``held`` change where the tier still knows them."""
 
     key: bytes
     held: bool
     event_info: str = ""
+    block_fps: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -108,6 +119,8 @@ class Catalog(ABC):
     # vLLM's KV-event medium under which the connector announces the chunks held here ("STORAGE"),
     # or None: never announced (e.g. a store shared by every replica, whose removals nobody sees).
     event_medium: str | None = None
+    # True: the planner calls holdings_changed with what this instance starts or stops holding.
+    watches_holdings: bool = False
 
     def poll(self) -> None:
         """Take in what background work found since the last call (called every step)."""
@@ -185,6 +198,11 @@ class Catalog(ABC):
         """Changes since the last call, in order (empty unless :meth:`track_changes` was called)."""
         return []
 
+    def holdings_changed(self, changes: Sequence[tuple[str, HeldChange]]) -> None:
+        """``(tier, change)``: chunks the memory tier or a secondary started or stopped holding, in
+        order (only for a catalog that ``watches_holdings``)."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -206,7 +224,9 @@ class Store(ABC):
 
     @abstractmethod
     def read_into(self, key: bytes, block_fps: Sequence[bytes], regions: Sequence[memoryview]) -> None:
-        """Fill ``regions`` with the chunk's verified bytes, or raise :class:`ChunkMiss`."""
+        """Fill ``regions`` with the chunk's verified bytes, or raise :class:`ChunkMiss`. A chunk
+        whose catalog named ``StoredChunk.sources`` is read with ``sources=`` those (the peer tier:
+        the instances holding it)."""
 
     @abstractmethod
     def take_results(self) -> tuple[list[WriteResult], list[bytes]]:
@@ -214,6 +234,13 @@ class Store(ABC):
 
     def writes_stopped(self) -> bool:
         return False
+
+    def attach(self, slots, stores: dict[str, Store]) -> None:
+        """Called once every store of the rank is open: ``slots`` is the rank's
+        :class:`~lmcache_connector.tiers.memory.slots.SlotTable` (which chunk each memory slot holds
+        now, kept by the worker), ``stores`` every store by tier name. A medium that serves other
+        instances (the peer tier) reads from them; others ignore it."""
+        return None
 
     def take_counts(self) -> dict[str, float]:
         """Counters since the last call, keyed as in :mod:`lmcache_connector.counters`."""

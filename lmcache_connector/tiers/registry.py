@@ -26,9 +26,10 @@ EXTRA_TIERS_ENV = "LMCACHE_EXTRA_TIERS"
 
 def builtin_media() -> list[Medium]:
     from lmcache_connector.tiers.disk.medium import DiskMedium
+    from lmcache_connector.tiers.peer.medium import PeerMedium
     from lmcache_connector.tiers.remote.medium import RemoteMedium
 
-    return [DiskMedium(), RemoteMedium()]
+    return [DiskMedium(), PeerMedium(), RemoteMedium()]
 
 
 def media(extra_tiers: str | None = None) -> list[Medium]:

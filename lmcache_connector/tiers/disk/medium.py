@@ -106,7 +106,11 @@ class DiskCatalogTier(Catalog):
         self.folder.track_changes()
 
     def take_changes(self) -> list[HeldChange]:
-        return [HeldChange(key, held, info) for key, held, info in self.folder.take_changes()]
+        changes = []
+        for key, held, info in self.folder.take_changes():
+            entry = self.folder.get(key) if held else None
+            changes.append(HeldChange(key, held, info, entry.block_fps if entry is not None else ()))
+        return changes
 
     def capacity(self) -> int:
         return self.max_bytes

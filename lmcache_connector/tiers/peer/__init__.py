@@ -1,8 +1,11 @@
 """The peer tier: instances fetch chunks from each other's memory and disk, found through a Redis registry.
 
-Phase 1 of the peer-to-peer issue: the standalone pieces, each tested alone, not yet wired into the
-planner, the executor or the connector.
+``LMCACHE_ENABLE_P2P=True`` turns it on: :mod:`.medium` builds the scheduler's :mod:`.catalog` and
+each worker rank's :mod:`.store` from the configuration; the lookup chain is memory -> disk ->
+peer -> remote. The pieces they are made of, each tested alone:
 
+* :mod:`.catalog` — the scheduler side: hits from the registry view, publishing what this
+  instance holds; :mod:`.store` — a worker rank's server over its memory and disk, and its fetches;
 * :mod:`.addresses` — where a worker listens (``LMCACHE_DISTRIBUTED_URL`` port + worker rank), how
   an instance is named in the registry (address and incarnation);
 * :mod:`.protocol` — the framed binary wire format, its limits, and exact-length reads under a deadline;

@@ -132,7 +132,10 @@ class PeerServer:
         return self
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting, end every connection and join the threads (at most ``timeout`` seconds each)."""
+        """Stop accepting, end every connection and join the threads (at most ``timeout`` seconds each).
+        Closing again does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._wake_up.send(b"x")
