@@ -26,6 +26,7 @@ KUBE_VERSION = "1.32.0"
 RELEASE = "lmcache"
 NAMESPACE = "llm"
 _HELM_HOME = Path(tempfile.mkdtemp(prefix="helm-home-"))
+STAND_IN_TOKEN = "0123456789abcdef" * 2  # what load_pod_config puts in a mounted P2P token file
 
 
 class HelmFailed(Exception):
@@ -181,7 +182,8 @@ def load_pod_config(env: Mapping[str, str], scratch: Path):
     """The connector's configuration from a rendered pod environment, as the library loads it.
 
     Files the pod reads from mounted Secrets (``LMCACHE_*_FILE``) do not exist here: while loading,
-    each is stood in for by an empty file under ``scratch``, and the result names the in-pod paths again.
+    each is stood in for by a file under ``scratch`` (empty, or a valid token for the P2P token, which
+    the loader reads and checks), and the result names the in-pod paths again.
     """
     import dataclasses
 
@@ -192,7 +194,7 @@ def load_pod_config(env: Mapping[str, str], scratch: Path):
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name.endswith("_FILE"):
             stand_in = scratch / name.lower()
-            stand_in.write_text("")
+            stand_in.write_text(STAND_IN_TOKEN if name == "LMCACHE_P2P_AUTH_TOKEN_FILE" else "")
             stand_ins[str(stand_in)] = value
             local[name] = str(stand_in)
     config = load_config(env=local)

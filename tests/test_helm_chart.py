@@ -242,12 +242,14 @@ def test_each_lmcache_value_sets_its_variable(helm):
         "remoteUrl": ("LMCACHE_REMOTE_URL", "redis://cache.example:6379"),
         "enableP2P": ("LMCACHE_ENABLE_P2P", "True"),
         "lookupUrl": ("LMCACHE_LOOKUP_URL", "redis://registry.example:6379"),
-        "distributedUrl": ("LMCACHE_DISTRIBUTED_URL", "peer.example:9000"),
+        "p2pPort": ("LMCACHE_DISTRIBUTED_URL", "0.0.0.0:9000"),  # the port each worker binds from
         "modelName": ("LMCACHE_MODEL_NAME", "llama-3.1-8b"),
     }
-    objs = ht.objects(ht.template(helm, set_string={f"lmcache.{k}": v for k, (_, v) in given.items()}))
+    set_string = {f"lmcache.{k}": v for k, (_, v) in given.items() if k != "p2pPort"}
+    objs = ht.objects(ht.template(helm, set_string=set_string, set_values={"lmcache.p2pPort": "9000"}))
     env = env_of(objs)
-    assert {k: v for k, v in env.items() if k.startswith("LMCACHE_")} == dict(given.values())
+    expected = dict(given.values()) | {"LMCACHE_P2P_ADVERTISE_HOST": POD_IP}
+    assert {k: v for k, v in env.items() if k.startswith("LMCACHE_")} == expected
 
 
 def test_unset_lmcache_values_set_no_variable(rendered):
@@ -278,11 +280,12 @@ def test_values_that_become_variables_are_strings_in_values_yaml():
             max_local_cpu_size=2.0, local_disk="/data/lmcache", max_local_disk_size=40.0)),
         ("redis-p2p-values.yaml", LMCacheConfig(
             max_local_cpu_size=3.0, remote_url=REDIS_URL, remote_password_file=PASSWORD_FILE, enable_p2p=True,
-            lookup_url=REDIS_URL, distributed_url=f"{POD_IP}:8200")),
+            lookup_url=REDIS_URL, distributed_url="0.0.0.0:8200", p2p_advertise_host=POD_IP,
+            p2p_auth_token_file="/etc/lmcache/p2p-auth-token/token")),
         ("ingress-autoscaling-values.yaml", LMCacheConfig(
             max_local_cpu_size=20.0)),
         ("redis-shared-values.yaml", LMCacheConfig(
-            max_local_cpu_size=3.0, remote_url=REDIS_URL, remote_password_file=PASSWORD_FILE, lookup_url=REDIS_URL)),
+            max_local_cpu_size=3.0, remote_url=REDIS_URL, remote_password_file=PASSWORD_FILE)),
         ("external-sentinel-values.yaml", LMCacheConfig(
             max_local_cpu_size=10.0, remote_url=f"redis-sentinel://{SENTINELS}/mymaster",
             remote_password_file=PASSWORD_FILE,
@@ -412,22 +415,33 @@ def test_chart_redis_is_the_remote_tier_and_the_lookup_registry(rendered):
 
 
 def test_explicit_urls_win_over_the_chart_redis(helm):
-    objs = ht.objects(ht.template(helm, set_string={"lmcache.remoteUrl": "redis://big-redis:6379"},
-                                  set_values={"redis.enabled": "true"}))  # fmt: skip
+    # The chart's Redis without a password: the remote store's password (none) is the registry's too.
+    objs = ht.objects(ht.template(helm, set_string={"lmcache.remoteUrl": "redis://big-redis:6379",
+                                                    "lmcache.enableP2P": "True"},
+                                  set_values={"redis.enabled": "true", "redis.auth.enabled": "false"}))  # fmt: skip
     env = env_of(objs)
     assert env["LMCACHE_REMOTE_URL"] == "redis://big-redis:6379"
     assert env["LMCACHE_LOOKUP_URL"] == f"redis://{FULLNAME}-redis:6379"
+    objs = ht.objects(ht.template(helm, set_string={"lmcache.lookupUrl": "redis://registry:6379",
+                                                    "lmcache.enableP2P": "True"},
+                                  set_values={"redis.enabled": "true"}))  # fmt: skip
+    assert (env_of(objs)["LMCACHE_REMOTE_URL"], env_of(objs)["LMCACHE_LOOKUP_URL"]) == (
+        REDIS_URL,
+        "redis://registry:6379",
+    )
 
 
-def test_p2p_address_is_the_pod_ip_and_a_declared_port(rendered):
+def test_p2p_binds_every_interface_and_advertises_the_pod_ip(rendered):
     c = vllm(rendered["redis-p2p-values.yaml"])
     names = [e["name"] for e in c["env"]]
     # POD_IP must come first: Kubernetes expands $(POD_IP) only from variables defined before.
-    assert names.index("POD_IP") < names.index("LMCACHE_DISTRIBUTED_URL")
+    assert names.index("POD_IP") < names.index("LMCACHE_P2P_ADVERTISE_HOST")
     assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
-    assert {"name": "LMCACHE_DISTRIBUTED_URL", "value": "$(POD_IP):8200"} in c["env"]
-    assert {"name": "lmcache-p2p", "containerPort": 8200, "protocol": "TCP"} in c["ports"]
+    assert {"name": "LMCACHE_DISTRIBUTED_URL", "value": "0.0.0.0:8200"} in c["env"]
+    assert env_of(rendered["redis-p2p-values.yaml"])["LMCACHE_P2P_ADVERTISE_HOST"] == POD_IP
+    assert {"name": "lmcache-p2p-0", "containerPort": 8200, "protocol": "TCP"} in c["ports"]
     assert deployment(rendered["redis-p2p-values.yaml"])["spec"]["replicas"] == 2
+    assert not [p for p in vllm(rendered["defaults"])["ports"] if p["name"].startswith("lmcache-p2p")]
 
 
 # ---------------------------------------------------------------- reaching vLLM

@@ -1,11 +1,13 @@
 """The chart wired for many replicas (helm/lmcache): one remote tier that every replica shares — the
 chart's own Redis or an existing Redis, Sentinel or Cluster — with its credentials from Secrets,
 a disruption budget, the config check that fails a pod early, KV events for llm-d's precise
-prefix-cache scorer, and the CPU tier counted once per vLLM worker.
+prefix-cache scorer, the CPU tier counted once per vLLM worker, and the peer tier between replicas
+(one port per worker, the token from a Secret, the registry's password, a NetworkPolicy).
 
 Rendered with a real helm. The rendered Redis start-up script, its readiness probe and the config
 check's command are also run here, against a real ``redis-server`` (as the remote-tier tests do),
-so what the pods would execute is tested, not only what the manifests say.
+so what the pods would execute is tested, not only what the manifests say; the config check also
+pings the P2P lookup registry.
 """
 
 from __future__ import annotations
@@ -352,3 +354,139 @@ def test_kv_events_sent_to_one_epp_declare_no_port_and_name_the_served_model(hel
                                   "--kv-events-config"))  # fmt: skip
     assert (events["endpoint"], events["topic"]) == ("tcp://epp.llm-d.svc:5557", f"kv@{POD_IP}@chat")
     assert "kv-events" not in {p["name"] for p in vllm["ports"]}
+
+
+# ---------------------------------------------------------------- the peer tier (P2P)
+
+TOKEN_FILE = "/etc/lmcache/p2p-auth-token/token"
+P2P_CHART_REDIS = {"lmcache": {"enableP2P": "True"}, "redis": {"enabled": True}}
+
+
+def test_p2p_token_is_a_mounted_secret_file_never_a_value(rendered):
+    dep = vllm_deployment(rendered["redis-p2p-values.yaml"])
+    mounted = {"secretName": "lmcache-p2p", "items": [{"key": "token", "path": "token"}]}
+    for container in ("vllm", "check-config"):
+        env = ht.resolved_env(ht.container(dep, container), POD_IP)
+        assert env["LMCACHE_P2P_AUTH_TOKEN_FILE"] == TOKEN_FILE
+        assert "LMCACHE_P2P_AUTH_TOKEN" not in env
+        assert secret_volume(dep, container, "/etc/lmcache/p2p-auth-token") == mounted
+    # The registry is the chart's Redis: its password is mounted for the registry as for the remote tier.
+    assert env["LMCACHE_LOOKUP_URL"] == env["LMCACHE_REMOTE_URL"] == REDIS_URL
+    assert env["LMCACHE_REMOTE_PASSWORD_FILE"] == PASSWORD_FILE
+
+
+def test_each_worker_gets_its_own_peer_port(helm):
+    """Rank r = tp_rank + tp_size x pp_rank serves on p2pPort + r: TP 2 x PP 2 is four ports."""
+    values = {
+        **P2P_CHART_REDIS,
+        "deployment": {
+            "tensorParallelSize": 2,
+            "pipelineParallelSize": 2,
+            "resources": {"limits": {"memory": "32Gi", "nvidia.com/gpu": "4"}, "requests": {"nvidia.com/gpu": "4"}},
+        },
+    }
+    objs = render(helm, values)
+    vllm = ht.container(vllm_deployment(objs), "vllm")
+    peers = [p for p in vllm["ports"] if p["name"].startswith("lmcache-p2p")]
+    assert peers == [{"name": f"lmcache-p2p-{r}", "containerPort": 8200 + r, "protocol": "TCP"} for r in range(4)]
+    assert ht.resolved_env(vllm, POD_IP)["LMCACHE_DISTRIBUTED_URL"] == "0.0.0.0:8200"
+    policy = ht.one(objs, "NetworkPolicy", f"{FULLNAME}-p2p")
+    assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == [p["name"] for p in peers]
+    assert ht.kubernetes_validate(ht.template(helm, values=values)).returncode == 0
+
+
+def test_network_policy_lets_only_this_releases_vllm_pods_reach_the_peer_ports(rendered, helm):
+    objs = rendered["redis-p2p-values.yaml"]
+    spec = ht.one(objs, "NetworkPolicy", f"{FULLNAME}-p2p")["spec"]
+    pod_labels = vllm_deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    redis_labels = ht.one(objs, "Deployment", REDIS_NAME)["spec"]["template"]["metadata"]["labels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert not spec["podSelector"]["matchLabels"].items() <= redis_labels.items()  # Redis is not restricted
+    peers, api = spec["ingress"]
+    assert peers["ports"] == [{"protocol": "TCP", "port": "lmcache-p2p-0"}]
+    [source] = peers["from"]
+    assert set(source) == {"podSelector"}  # this namespace only
+    assert source["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert not source["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert "app.kubernetes.io/instance" in source["podSelector"]["matchLabels"]  # this release only
+    assert api == {"ports": [{"protocol": "TCP", "port": "http"}]}  # from anywhere, as before
+    # KV events stay reachable; extra rules are appended; the policy can be turned off; no P2P, no policy.
+    events = render(helm, {**P2P_CHART_REDIS, "kvEvents": {"enabled": True},
+                           "p2p": {"networkPolicy": {"extraIngress": [{"ports": [{"port": 9090}]}]}}})  # fmt: skip
+    ingress = ht.one(events, "NetworkPolicy")["spec"]["ingress"]
+    assert ingress[1]["ports"] == [{"protocol": "TCP", "port": "http"}, {"protocol": "TCP", "port": "kv-events"}]
+    assert ingress[2] == {"ports": [{"port": 9090}]}
+    off = render(helm, {**P2P_CHART_REDIS, "p2p": {"networkPolicy": {"enabled": False}}})
+    assert "NetworkPolicy" not in ht.kinds(off)
+    assert "NetworkPolicy" not in ht.kinds(rendered["redis-shared-values.yaml"])
+
+
+@pytest.mark.parametrize(
+    ("values", "secret"),
+    [
+        # The chart's Redis is the registry; the lm:// remote tier takes no password: the registry's is mounted.
+        ({"lmcache": {"remoteUrl": "lm://cache-server:65432"}}, {"secretName": REDIS_NAME, "key": "password"}),
+        # An external remote Redis with the chart Redis's own Secret: one password for both.
+        ({"lmcache": {"remoteUrl": "redis://cache:6379"}, "redis": {"auth": {"existingSecret": "shared"}},
+          "remoteSecrets": {"password": {"secretName": "shared"}}}, {"secretName": "shared", "key": "password"}),
+        # An external registry with its own password and no remote tier.
+        ({"lmcache": {"lookupUrl": "redis-sentinel://s0:26379,s1:26379/registry"}, "redis": {"enabled": False},
+          "p2p": {"registryPassword": {"secretName": "registry", "secretKey": "pw"}}},
+         {"secretName": "registry", "key": "pw"}),
+        # An external registry without p2p.registryPassword takes the remote store's password.
+        ({"lmcache": {"remoteUrl": "redis://cache:6379", "lookupUrl": "redis://cache:6379/1"},
+          "redis": {"enabled": False}, "remoteSecrets": {"password": {"secretName": "cache"}}},
+         {"secretName": "cache", "key": "password"}),
+    ],
+    ids=["chart-registry-lm-remote", "same-secret", "external-registry-own-password", "registry-shares-remote"],
+)  # fmt: skip
+def test_registry_password_is_mounted_where_the_library_reads_it(helm, values, secret, tmp_path):
+    merged = {key: {**P2P_CHART_REDIS.get(key, {}), **values.get(key, {})} for key in {*P2P_CHART_REDIS, *values}}
+    dep = vllm_deployment(render(helm, merged))
+    mounted = {"secretName": secret["secretName"], "items": [{"key": secret["key"], "path": "password"}]}
+    assert secret_volume(dep, "vllm", "/etc/lmcache/remote-password") == mounted
+    env = ht.resolved_env(ht.container(dep, "vllm"), POD_IP)
+    assert env["LMCACHE_REMOTE_PASSWORD_FILE"] == PASSWORD_FILE
+    assert ht.load_pod_config(env, tmp_path).enable_p2p
+
+
+@pytest.mark.parametrize(
+    "lookup_url",
+    ["redis://registry:6379/2", "rediss://registry.example:6380", "unix:///run/redis/redis.sock",
+     "redis-sentinel://s0:26379,s1:26379/registry", "redis-cluster://c0:6379,c1:6379", "registry:6379",
+     "registry", "10.0.0.5:6379", "[fd00::5]:6379"],
+)  # fmt: skip
+def test_every_redis_form_the_library_accepts_is_a_lookup_url(helm, lookup_url, tmp_path):
+    objs = render(helm, {"lmcache": {"enableP2P": "True", "lookupUrl": lookup_url}})
+    env = ht.resolved_env(ht.container(vllm_deployment(objs), "vllm"), POD_IP)
+    assert env["LMCACHE_LOOKUP_URL"] == lookup_url
+    expected = lookup_url if "://" in lookup_url else f"redis://{lookup_url}"
+    assert ht.load_pod_config(env, tmp_path).lookup_url == expected
+
+
+def test_config_check_pings_the_lookup_registry(rendered, tmp_path):
+    """The init container's command with the P2P pod's env: the registry answering is checked too."""
+    check = ht.container(vllm_deployment(rendered["redis-p2p-values.yaml"]), "check-config")
+    assert check["args"][:2] == ["config", "--check-remote"]
+    (tmp_path / "password").write_text("correct-horse\n")
+    (tmp_path / "token").write_text(ht.STAND_IN_TOKEN + "\n")
+    with rs.redis_server(tmp_path / "redis", password="correct-horse") as server:
+        url = f"redis://127.0.0.1:{server.port}"
+        env = {**ht.resolved_env(check, POD_IP), "PATH": os.environ["PATH"], "LMCACHE_REMOTE_URL": url,
+               "LMCACHE_LOOKUP_URL": url, "LMCACHE_REMOTE_PASSWORD_FILE": str(tmp_path / "password"),
+               "LMCACHE_P2P_AUTH_TOKEN_FILE": str(tmp_path / "token")}  # fmt: skip
+        answered = _run_check(check, env)
+        assert answered.returncode == 0, answered.stdout + answered.stderr
+        assert "P2P lookup registry" in answered.stdout
+        down = _run_check(check, {**env, "LMCACHE_LOOKUP_URL": f"redis://127.0.0.1:{rs.free_port()}"})
+        assert down.returncode == 1, down.stdout + down.stderr
+        assert "P2P lookup registry" in down.stderr
+
+
+def test_notes_name_the_registry_the_peer_ports_and_the_token(helm):
+    text = ht.notes(helm, [CI / "redis-p2p-values.yaml"])
+    assert f"registry {REDIS_URL}, peers on port 8200 at the pod IP" in text
+    assert "token from Secret lmcache-p2p" in text
+    assert f"NetworkPolicy {FULLNAME}-p2p" in text
+    assert "reaches the remote store and the P2P lookup registry" in text

@@ -115,8 +115,37 @@ the values involved and the fix. Included once, from deployment.yaml.
 {{- end }}
 
 {{- /* P2P finds peers through the lookup registry; the library refuses P2P without one. */}}
-{{- if and (include "lmcache.isTrue" $lm.enableP2P) (not $lm.lookupUrl) (not $v.redis.enabled) }}
-{{- fail "lmcache.enableP2P is on but there is no lookup registry: set lmcache.lookupUrl (redis://HOST:PORT) or redis.enabled=true" }}
+{{- $p2p := include "lmcache.isTrue" $lm.enableP2P }}
+{{- if and $p2p (not $lm.lookupUrl) (not $v.redis.enabled) }}
+{{- fail "lmcache.enableP2P is on but there is no lookup registry: set lmcache.lookupUrl (redis://HOST:PORT, or any Redis form) or redis.enabled=true" }}
+{{- end }}
+{{- if regexMatch "^[a-z-]+://[^/@]*:[^/@]*@" $lm.lookupUrl }}
+{{- fail "lmcache.lookupUrl carries a password (USER:PASSWORD@): values are not secret; put it in a Secret named by remoteSecrets.password (the remote store's) or p2p.registryPassword (the connector reads it as LMCACHE_REMOTE_PASSWORD_FILE)" }}
+{{- end }}
+{{- if and (or $v.p2p.authToken.secretName $v.p2p.registryPassword.secretName) (not $p2p) }}
+{{- fail "p2p.authToken or p2p.registryPassword names a Secret but lmcache.enableP2P is off: turn P2P on, or remove the Secret" }}
+{{- end }}
+{{- if and $v.p2p.registryPassword.secretName (not $lm.lookupUrl) }}
+{{- fail "p2p.registryPassword is set but the lookup registry is the chart's Redis, which has its own password (redis.auth): remove p2p.registryPassword, or set lmcache.lookupUrl to your own registry" }}
+{{- end }}
+{{- with (include "lmcache.passwordPlan" . | fromJson).error }}
+{{- fail . }}
+{{- end }}
+{{- if $p2p }}
+{{- /* The peer ports must exist and must not be vLLM's own ports. */}}
+{{- $taken := dict (toString (int $v.deployment.containerPort)) "deployment.containerPort" }}
+{{- with include "lmcache.kvEventsPort" . }}{{ if $v.kvEvents.enabled }}{{ $_ := set $taken . "kvEvents.endpoint" }}{{ end }}{{ end }}
+{{- $ports := include "lmcache.p2pPorts" . | fromJsonArray }}
+{{- $last := int (index $ports (sub (len $ports) 1)).port }}
+{{- if gt $last 65535 }}
+{{- fail (printf "lmcache.p2pPort (%d) + the %d workers (deployment.tensorParallelSize x pipelineParallelSize) run past port 65535: the worker of rank r serves on p2pPort + r; lower p2pPort" (int $lm.p2pPort) (len $ports)) }}
+{{- end }}
+{{- range $ports }}
+{{- $port := toString (int .port) }}
+{{- if hasKey $taken $port }}
+{{- fail (printf "the peer ports lmcache.p2pPort .. p2pPort + %d (one per worker) include %s, which is %s: move lmcache.p2pPort" (sub (len $ports) 1) $port (get $taken $port)) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- /* One source for the connector package, so what gets installed is never a surprise. */}}
@@ -128,7 +157,7 @@ the values involved and the fix. Included once, from deployment.yaml.
 {{- $chartSet := dict "HF_HOME" "deployment.modelCache" "VLLM_CACHE_ROOT" "deployment.modelCache" }}
 {{- if $v.connectorInstall.enabled }}{{ $_ := set $chartSet "PYTHONPATH" "connectorInstall.target" }}{{ end }}
 {{- if $v.deployment.hfToken.secretName }}{{ $_ := set $chartSet "HF_TOKEN" "deployment.hfToken" }}{{ end }}
-{{- if include "lmcache.isTrue" $lm.enableP2P }}{{ $_ := set $chartSet "POD_IP" "lmcache.enableP2P" }}{{ end }}
+{{- if $p2p }}{{ $_ := set $chartSet "POD_IP" "lmcache.enableP2P" }}{{ end }}
 {{- if $v.kvEvents.enabled }}{{ $_ := set $chartSet "POD_IP" "kvEvents.enabled" }}{{ $_ := set $chartSet "PYTHONHASHSEED" "kvEvents.pythonHashSeed" }}{{ end }}
 {{- range include "lmcache.settings" . | fromJsonArray }}
 {{- if index . 1 }}
