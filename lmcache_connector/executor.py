@@ -120,7 +120,9 @@ class Executor:
                 stores[medium.name] = store
         self.paged, self.pool, self.stores = paged, pool, stores
         self._slot_valid = bytearray(num_slots)
-        self.slots = SlotTable(num_slots, self._copy_slot_out)
+        self.slots = SlotTable(
+            num_slots, self._copy_slot_out, self._slot_regions if pool.buffer.device.type == "cpu" else None
+        )
         self.mover = make_block_mover(paged)
         for store in stores.values():
             store.attach(self.slots, stores)
@@ -214,6 +216,12 @@ class Executor:
         if 0 <= slot < len(self._slot_valid):
             self._slot_valid[slot] = 0
             self.slots.overwriting(slot)
+
+    def _slot_regions(self, slot: int, shape: Shape) -> list[memoryview]:
+        """The slot's first ``shape[1]`` blocks in place, one view per region (a peer server's thread
+        sends them; the slot table confirms afterwards that the slot was not rewritten)."""
+        view = self.pool.slot(slot, shape[1])
+        return [memoryview(view[region].numpy()).cast("B") for region in range(shape[0])]
 
     def _copy_slot_out(self, slot: int, shape: Shape, into: memoryview) -> None:
         """The slot's first ``shape[1]`` blocks into ``into``, as ``[regions, blocks, row bytes]``

@@ -59,12 +59,16 @@ class PoolSource:
     """A memory pool of slots (``[slot][region][block][row]``) behind a :class:`SlotTable`, as a
     worker keeps it; ``during_copy`` runs in the middle of every copy (to overwrite a slot then)."""
 
-    def __init__(self, num_slots: int = 8):
+    def __init__(self, num_slots: int = 8, lending: bool = False):
         self.slot_bytes = REGIONS * MAX_BLOCKS * ROW
         self.pool = bytearray(num_slots * self.slot_bytes)
-        self.table = SlotTable(num_slots, self._copy_out)
+        self.table = SlotTable(num_slots, self._copy_out, self._view_out if lending else None)
         self.next_slot = 0
+        self.copies = 0
         self.during_copy: Callable[[int], None] | None = None
+        # With ``lending``: runs (with the chunk's key) once a lent chunk was hashed and confirmed,
+        # before it is sent.
+        self.during_send: Callable[[bytes], None] | None = None
 
     def add(self, chunk: Chunk) -> int:
         slot = self.next_slot
@@ -77,7 +81,19 @@ class PoolSource:
         self.table.holds(slot, chunk.key, chunk.block_fps, chunk.shape)
         return slot
 
+    def rewrite(self, slot: int) -> None:
+        """The worker reuses ``slot`` for other bytes."""
+        self.table.overwriting(slot)
+        start = slot * self.slot_bytes
+        self.pool[start : start + self.slot_bytes] = os.urandom(self.slot_bytes)
+
+    def _view_out(self, slot: int, shape: Shape) -> list[memoryview]:
+        regions, n, row = shape
+        start = slot * self.slot_bytes
+        return [memoryview(self.pool)[start + r * MAX_BLOCKS * row :][: n * row] for r in range(regions)]
+
     def _copy_out(self, slot: int, shape: Shape, into: memoryview) -> None:
+        self.copies += 1
         regions, n, row = shape
         for region in range(regions):
             start = slot * self.slot_bytes + region * MAX_BLOCKS * row
@@ -87,6 +103,22 @@ class PoolSource:
 
     def read(self, key, block_fps, scratch):
         return self.table.read(key, block_fps, scratch)
+
+    def lend(self, key, block_fps):
+        lent = self.table.lend(key, block_fps)
+        hook = self.during_send
+        if lent is None or hook is None:
+            return lent
+        calls = []
+
+        def confirm() -> bool:
+            ok = lent.confirm()
+            if not calls:  # the server's check before the send: the send comes next
+                calls.append(1)
+                hook(key)
+            return ok
+
+        return type(lent)(lent.shape, lent.regions, confirm)
 
 
 def free_ports(count: int) -> int:

@@ -117,6 +117,41 @@ def test_a_chunk_evicted_while_it_is_copied_is_a_miss_never_torn_bytes(source, s
     assert client.fetch(server.address, [chunk.want()[0]], timeout_s=2).found == [False]  # gone since
 
 
+def test_chunks_are_sent_straight_from_their_memory_slots(client):
+    source = PoolSource(lending=True)
+    server = serve(source)
+    try:
+        chunks = [make_chunk(), make_chunk(2)]
+        for chunk in chunks:
+            source.add(chunk)
+        pairs = [chunk.want() for chunk in chunks]
+        result = client.fetch(server.address, [want for want, _ in pairs], timeout_s=2)
+        assert result.error is None and result.found == [True, True]
+        assert [bytes(buffer) for _, buffer in pairs] == [chunk.data for chunk in chunks]
+        assert source.copies == 0  # hashed and sent in place, no copy
+    finally:
+        server.close()
+
+
+def test_a_slot_rewritten_while_its_chunk_is_sent_is_a_miss_and_the_connection_goes_on(client):
+    source = PoolSource(lending=True)
+    server = serve(source)
+    try:
+        chunk, other = make_chunk(), make_chunk()
+        slot = source.add(chunk)
+        source.add(other)
+        source.during_send = lambda key: key == chunk.key and source.rewrite(slot)  # torn bytes go out
+        pairs = [chunk.want(), other.want()]
+        result = client.fetch(server.address, [want for want, _ in pairs], timeout_s=2)
+        assert result.error is None and result.found == [False, True]  # TORN: a miss, not a broken peer
+        assert bytes(pairs[1][1]) == other.data
+        source.during_send = None
+        assert client.fetch(server.address, [chunk.want()[0]], timeout_s=2).found == [False]  # gone since
+        assert server.take_counts()["peer_served_misses"] == 2
+    finally:
+        server.close()
+
+
 def test_a_chunk_asked_with_other_block_fingerprints_is_a_miss(source, server, client):
     chunk = make_chunk()
     source.add(chunk)

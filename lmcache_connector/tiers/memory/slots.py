@@ -7,7 +7,9 @@ held while it was being rewritten. The worker calls :meth:`SlotTable.overwriting
 write into a slot (a store, a fill; on a device, before the copy is issued), which bumps the slot's
 generation and forgets the chunk it held, and :meth:`SlotTable.holds` once the slot's bytes are
 complete; :meth:`SlotTable.read` copies a chunk out and confirms afterwards that the slot's
-generation did not change (copy, then confirm: :mod:`lmcache_connector.tiers.peer.source`).
+generation did not change (copy, then confirm: :mod:`lmcache_connector.tiers.peer.source`);
+:meth:`SlotTable.lend` gives the slot's bytes in place instead, to a reader that confirms the same
+way after its last read of them.
 
 Standard library only.
 """
@@ -30,6 +32,17 @@ class ChunkCopy:
 
 
 @dataclass(frozen=True)
+class LentChunk:
+    """One chunk's bytes where the slot holds them (``regions``: ``shape[0]`` views of
+    ``shape[1] * shape[2]`` bytes), unconfirmed: they are the chunk's only if ``confirm()``, called
+    after the last read of them, says the slot was not rewritten since the chunk was looked up."""
+
+    shape: Shape
+    regions: list[memoryview]
+    confirm: Callable[[], bool]
+
+
+@dataclass(frozen=True)
 class _Held:
     slot: int
     generation: int
@@ -41,13 +54,21 @@ class SlotTable:
     """Which chunk each slot of a memory pool holds, with per-slot generations: a :class:`ChunkSource`.
 
     ``copy_out(slot, shape, into)`` copies the slot's first ``shape[1]`` blocks into ``into`` (the
-    pool's layout is the caller's business); it runs outside the table's lock."""
+    pool's layout is the caller's business); it runs outside the table's lock. ``view_out(slot,
+    shape)``, where the pool is host memory, gives the same bytes in place, one view per region
+    (:meth:`lend`: a peer server sends them without a copy)."""
 
-    def __init__(self, num_slots: int, copy_out: Callable[[int, Shape, memoryview], None]):
+    def __init__(
+        self,
+        num_slots: int,
+        copy_out: Callable[[int, Shape, memoryview], None],
+        view_out: Callable[[int, Shape], list[memoryview]] | None = None,
+    ):
         self._generations = [0] * num_slots
         self._by_key: dict[bytes, _Held] = {}
         self._by_slot: dict[int, bytes] = {}
         self._copy_out = copy_out
+        self._view_out = view_out
         self._lock = threading.Lock()
 
     def overwriting(self, slot: int) -> None:
@@ -94,3 +115,20 @@ class SlotTable:
             if self._generations[held.slot] != held.generation:
                 return None  # overwritten while we copied: the copy may be torn
         return ChunkCopy(held.shape, data)
+
+    def lend(self, key: bytes, block_fps: tuple[bytes, ...]) -> LentChunk | None:
+        """The chunk's bytes in place, to be confirmed after use (:class:`LentChunk`), or ``None``
+        (absent, other fingerprints, or no ``view_out``: :meth:`read` copies instead)."""
+        if self._view_out is None:
+            return None
+        with self._lock:
+            held = self._by_key.get(key)
+        if held is None or held.block_fps != tuple(block_fps):
+            return None
+        slot, generation = held.slot, held.generation
+
+        def confirm() -> bool:
+            with self._lock:
+                return self._generations[slot] == generation
+
+        return LentChunk(held.shape, self._view_out(slot, held.shape), confirm)

@@ -7,6 +7,8 @@ from a peer's server (:mod:`.server`) over :mod:`.protocol`:
   straight into the caller's buffers (a memory slot in phase 2): the value's header is checked
   against what was asked (namespace, rank, key, block fingerprints, shape) before any of its bytes
   are read, and its xxh3 checksum is computed as they land (:func:`~..remote.value.receive_value`);
+  a value the server SENT straight from its memory slot counts only once the server CONFIRMED it
+  (TORN: the slot was rewritten during the send, a miss);
 * it never raises for a peer's failure: the :class:`FetchResult` says which chunks arrived whole
   and verified, and ``error`` why the rest did not (:class:`~.protocol.PeerError`: unreachable,
   timed out, closed mid-transfer, garbage, a corrupt chunk, refused). The whole fetch, connecting
@@ -52,6 +54,7 @@ from lmcache_connector.tiers.peer.protocol import (
 from lmcache_connector.tiers.remote.value import (
     MAX_HEADER_BYTES,
     PREFIX_BYTES,
+    ChecksumMismatchError,
     RemoteValueError,
     ValueHeader,
     receive_value,
@@ -185,19 +188,32 @@ class PeerClient:
         wire.send([request_frame(request, request_id)], deadline)
         for index, want in enumerate(batch):
             bound = min(self.max_value_bytes, PREFIX_BYTES + MAX_HEADER_BYTES + want.nbytes)
-            frame = wire.recv_frame(deadline, {FrameType.FOUND: bound, FrameType.MISSING: 0})
+            frame = wire.recv_frame(deadline, {FrameType.FOUND: bound, FrameType.SENT: bound, FrameType.MISSING: 0})
             if frame.tag != index:
                 raise PeerProtocolError(f"{wire.peer} answered chunk {frame.tag} where chunk {index} belongs")
-            result.answered += 1
             if frame.type == FrameType.MISSING:
+                result.answered += 1
                 continue
             expect = ValueHeader(
                 self.namespace_hex, self.rank, want.key.hex(), tuple(fp.hex() for fp in want.block_fps), want.shape
             )
+            bad: RemoteValueError | None = None
             try:
                 receive_value(frame.length, lambda view: wire.recv_exact(view, deadline), expect, want.regions)
+            except ChecksumMismatchError as exc:  # every byte read: a SENT value's trailer still follows
+                bad = exc
             except RemoteValueError as exc:
                 raise PeerProtocolError(f"{wire.peer} sent a bad chunk {want.key.hex()[:12]}: {exc}") from None
+            if frame.type == FrameType.SENT:
+                trailer = wire.recv_frame(deadline, {FrameType.CONFIRMED: 0, FrameType.TORN: 0})
+                if trailer.tag != index:
+                    raise PeerProtocolError(f"{wire.peer} confirmed chunk {trailer.tag} where chunk {index} belongs")
+                if trailer.type == FrameType.TORN:  # rewritten while sent: a miss, whatever arrived
+                    result.answered += 1
+                    continue
+            if bad is not None:
+                raise PeerProtocolError(f"{wire.peer} sent a bad chunk {want.key.hex()[:12]}: {bad}")
+            result.answered += 1
             result.found[first + index] = True
             result.nbytes += want.nbytes
 

@@ -20,9 +20,15 @@ A connection, the server speaking first::
     client  REQUEST  16-byte namespace digest, u16 tp_rank, u16 pp_rank, u16 n, then n times:
                      u16 b (1..MAX_BLOCKS_PER_CHUNK), b 16-byte block fingerprints (the last is the
                      chunk's key)
-    server  n frames in request order, each FOUND (the chunk's value, in the remote tier's value
-            format: a versioned header with namespace, rank, key, block fingerprints, shape and an
-            xxh3 checksum, then the raw bytes) or MISSING (no payload)
+    server  n answers in request order, each one of
+            FOUND     the chunk's value, in the remote tier's value format (a versioned header with
+                      namespace, rank, key, block fingerprints, shape and an xxh3 checksum, then the
+                      raw bytes), from a copy the server confirmed before sending it (a disk file);
+            SENT      the same value sent straight from where the server holds it (a memory slot),
+                      then a trailer frame: CONFIRMED (the slot held exactly those bytes for the
+                      whole send: the value is the chunk) or TORN (the slot was rewritten meanwhile:
+                      a miss; the bytes received must not be used);
+            MISSING   no payload
     ...     more REQUESTs on the same connection, or a close by either side
 
 ERROR frames carry an ASCII message (at most MAX_ERROR_BYTES) and always end the connection.
@@ -32,6 +38,9 @@ Promises, on both sides:
 * no pickle, no JSON of unbounded size: headers are fixed structs; the only JSON is the value's
   header, bounded by :data:`~lmcache_connector.tiers.remote.value.MAX_HEADER_BYTES` and parsed by
   :mod:`~lmcache_connector.tiers.remote.value`;
+* a SENT value counts only with its CONFIRMED trailer: bytes a slot held while being rewritten are
+  never used, even when their checksum happens to match (TORN), and a SENT value whose checksum does
+  not match yet is CONFIRMED is a broken peer;
 * every read is exact-length and under a deadline (:meth:`Wire.recv_exact`); a frame whose magic,
   version, type, tag or length is not what the protocol allows at that point raises
   :class:`PeerProtocolError`, and whoever catches any :class:`PeerError` closes the connection:
@@ -42,6 +51,8 @@ Standard library only.
 
 from __future__ import annotations
 
+import math
+import select
 import socket
 import struct
 import time
@@ -53,7 +64,9 @@ from lmcache_connector.keys import FINGERPRINT_BYTES
 from lmcache_connector.tiers.remote.value import MAX_ENTRY_BLOCKS
 
 MAGIC = b"LMCP"
-VERSION = 1
+VERSION = 1  # SENT / CONFIRMED / TORN came later in 1: an older client refuses them (a miss)
+_MAX_IOV = 512  # buffers per sendmsg, under every kernel's IOV_MAX (1024 on Linux)
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds (SO_RCVTIMEO / SO_SNDTIMEO)
 _FRAME = struct.Struct("<4sHBBII")  # magic, version, type, flags, tag, length
 FRAME_BYTES = _FRAME.size
 
@@ -81,6 +94,9 @@ class FrameType(IntEnum):
     FOUND = 5
     MISSING = 6
     ERROR = 7
+    SENT = 8
+    CONFIRMED = 9
+    TORN = 10
 
 
 class ErrorCode(IntEnum):
@@ -248,23 +264,33 @@ def parse_request(payload: bytes, max_chunks: int) -> PeerRequest:
 class Wire:
     """A connected socket read and written under deadlines (``time.monotonic()`` values).
 
-    Every failure raises a :class:`PeerError`; the owner then calls :meth:`close` and never uses
-    the wire again."""
+    A send blocks, bounded by the kernel to what is left of the deadline (``SO_SNDTIMEO``, set
+    before the call), and gathers every piece of a frame into one call however many segments they
+    take; a read takes what has arrived (``MSG_DONTWAIT``) and polls, within the deadline, only when
+    nothing has. A transfer in full flow costs one system call per read, as a plain socket does (a
+    Python socket timeout costs three: setting it, a poll, the read). (In one engine run with
+    ``MSG_WAITALL`` reads, a new engine's fetches from a peer took twice as long.) Every failure raises a
+    :class:`PeerError`; the owner then calls :meth:`close` and never uses the wire again."""
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.peer = peer  # for messages
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames go out at once
+        sock.settimeout(None)  # blocking: the kernel's timeout bounds every send
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
 
     def recv_exact(self, view: memoryview, deadline: float) -> None:
         """Fill ``view`` exactly, or raise :class:`PeerUnavailableError` (closed, timed out)."""
         got = 0
         while got < len(view):
-            self.sock.settimeout(_left(deadline, self.peer))
+            if time.monotonic() >= deadline:  # a peer that trickles bytes is bounded too
+                raise PeerUnavailableError(f"{self.peer} sent nothing in time")
             try:
-                n = self.sock.recv_into(view[got:])
-            except TimeoutError:
-                raise PeerUnavailableError(f"{self.peer} sent nothing in time") from None
+                n = self.sock.recv_into(view[got:], 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # nothing there yet: wait for it, within the deadline
+                self._wait_readable(deadline)
+                continue
             except OSError as exc:
                 raise PeerUnavailableError(f"{self.peer}: {type(exc).__name__}: {exc}") from None
             if n == 0:
@@ -302,15 +328,24 @@ class Wire:
         return frame
 
     def send(self, pieces: Sequence[bytes | memoryview], deadline: float) -> None:
-        """Send every piece, in order, before the deadline."""
-        try:
-            for piece in pieces:
-                self.sock.settimeout(_left(deadline, self.peer))
-                self.sock.sendall(piece)  # the timeout bounds the whole sendall
-        except TimeoutError:
-            raise PeerUnavailableError(f"{self.peer} took nothing in time") from None
-        except OSError as exc:
-            raise PeerUnavailableError(f"{self.peer}: {type(exc).__name__}: {exc}") from None
+        """Send every piece, in order, before the deadline (gathered: one call for all of them, as
+        for one buffer, unless the kernel takes them in parts)."""
+        views = []
+        for piece in pieces:
+            view = memoryview(piece)
+            views.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+        while views:
+            self._bound(socket.SO_SNDTIMEO, deadline, "took nothing in time")
+            try:
+                sent = self.sock.sendmsg(views[:_MAX_IOV])
+            except BlockingIOError:  # the kernel's timeout passed with nothing sent
+                continue
+            except OSError as exc:
+                raise PeerUnavailableError(f"{self.peer}: {type(exc).__name__}: {exc}") from None
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
 
     def close(self) -> None:
         try:
@@ -318,12 +353,30 @@ class Wire:
         except OSError:
             pass
 
+    def _bound(self, option: int, deadline: float, what: str) -> None:
+        """The next call on the socket waits at most until ``deadline`` (raises once it has passed)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerUnavailableError(f"{self.peer} {what}")
+        seconds = int(left)
+        micros = int((left - seconds) * 1_000_000)
+        if seconds == micros == 0:
+            micros = 1  # a zero timeval means "wait forever"
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(seconds, micros))
+        except OSError as exc:  # closed under us (the server's shutdown)
+            raise PeerUnavailableError(f"{self.peer}: {type(exc).__name__}: {exc}") from None
 
-def _left(deadline: float, peer: str) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise PeerUnavailableError(f"{peer}: out of time")
-    return left
+    def _wait_readable(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerUnavailableError(f"{self.peer} sent nothing in time")
+        try:
+            ready = self._poll.poll(max(1, math.ceil(left * 1000)))
+        except (OSError, ValueError) as exc:  # closed under us (the server's shutdown)
+            raise PeerUnavailableError(f"{self.peer}: {type(exc).__name__}: {exc}") from None
+        if not ready:
+            raise PeerUnavailableError(f"{self.peer} sent nothing in time")
 
 
 def _names(allowed: dict[FrameType, int]) -> str:

@@ -15,8 +15,10 @@ thread of a bounded pool, speaking :mod:`.protocol`. What it promises:
   (:mod:`.auth`); a wrong or missing proof gets ERROR AUTH_REFUSED, never a chunk;
 * **strict**: a frame that breaks the protocol, a request of another namespace or rank (ERROR
   WRONG_NAMESPACE), or one past the limits closes the connection;
-* **never torn**: a chunk is sent only as the source's confirmed copy (copy, then confirm:
-  :mod:`.source`), hashed after the copy; a chunk changed during the copy is MISSING;
+* **never torn**: a chunk the source lends in place (a memory slot: :meth:`.source.ChunkSource.lend`)
+  is hashed and sent from there, then CONFIRMED only if the slot was not rewritten meanwhile (else
+  TORN: a miss for the client); any other is sent only as the source's confirmed copy (copy, then
+  confirm: :mod:`.source`), hashed after the copy; a chunk changed during the copy is MISSING;
 * **clean shutdown**: :meth:`PeerServer.close` stops accepting, closes every connection (a
   transfer in progress ends; its client sees a closed connection, a miss) and joins the threads.
 
@@ -56,7 +58,7 @@ from lmcache_connector.tiers.peer.protocol import (
     request_bytes_bound,
     welcome_frame,
 )
-from lmcache_connector.tiers.peer.source import ChunkSource
+from lmcache_connector.tiers.peer.source import ChunkSource, LentChunk
 from lmcache_connector.tiers.remote.value import ValueHeader, encode_value
 
 logger = logging.getLogger("lmcache_connector")
@@ -270,26 +272,56 @@ class PeerServer:
                 scratch = bytearray(nbytes)
             return memoryview(scratch)[:nbytes]
 
+        lend = getattr(self.source, "lend", None)
         for index, ask in enumerate(request.chunks):
             try:
+                lent = lend(ask.key, ask.block_fps) if lend is not None else None
+                if lent is not None:
+                    self._send_lent(wire, ask, index, lent)
+                    continue
                 copy = self.source.read(ask.key, ask.block_fps, take)
+            except PeerError:
+                raise
             except Exception:  # a source bug is a miss for this chunk, not a dead connection
                 logger.exception("lmcache_connector: reading chunk %s for a peer failed", ask.key.hex()[:12])
                 copy = None
             deadline = time.monotonic() + self.limits.io_timeout_s
             if copy is None:
-                self._count("peer_served_misses")
-                wire.send([frame_header(FrameType.MISSING, 0, tag=index)], deadline)
+                self._send_missing(wire, index, deadline)
                 continue
-            header = ValueHeader(
-                self.namespace_hex, self.rank, ask.key.hex(), tuple(fp.hex() for fp in ask.block_fps), copy.shape
-            )
+            header = self._header(ask, copy.shape)
             first, *rest = encode_value(header, [copy.data])
             length = len(first) + sum(len(piece) for piece in rest)
             wire.send([frame_header(FrameType.FOUND, length, tag=index) + first, *rest], deadline)
             self._count("peer_served_chunks")
             self._count("peer_served_bytes", header.nbytes)
         return scratch
+
+    def _send_lent(self, wire: Wire, ask, index: int, lent: LentChunk) -> None:
+        """A chunk straight from its memory slot: hashed in place, SENT, then CONFIRMED when the slot
+        held those bytes throughout (else TORN: a miss for the client, whatever it received)."""
+        header = self._header(ask, lent.shape)
+        first, *rest = encode_value(header, lent.regions)  # the checksum, read from the slot
+        deadline = time.monotonic() + self.limits.io_timeout_s
+        if not lent.confirm():  # rewritten while hashed: nothing sent yet, a plain miss
+            self._send_missing(wire, index, deadline)
+            return
+        length = len(first) + sum(len(piece) for piece in rest)
+        wire.send([frame_header(FrameType.SENT, length, tag=index) + first, *rest], deadline)
+        if lent.confirm():
+            wire.send([frame_header(FrameType.CONFIRMED, 0, tag=index)], deadline)
+            self._count("peer_served_chunks")
+            self._count("peer_served_bytes", header.nbytes)
+        else:
+            wire.send([frame_header(FrameType.TORN, 0, tag=index)], deadline)
+            self._count("peer_served_misses")
+
+    def _send_missing(self, wire: Wire, index: int, deadline: float) -> None:
+        self._count("peer_served_misses")
+        wire.send([frame_header(FrameType.MISSING, 0, tag=index)], deadline)
+
+    def _header(self, ask, shape) -> ValueHeader:
+        return ValueHeader(self.namespace_hex, self.rank, ask.key.hex(), tuple(fp.hex() for fp in ask.block_fps), shape)
 
     def _count(self, key: str, amount: float = 1) -> None:
         with self._lock:

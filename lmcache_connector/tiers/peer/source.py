@@ -14,6 +14,11 @@ contract:
   evicted, replaced or rewritten meanwhile, the answer is ``None`` (a miss for the client), never
   the bytes copied. The server hashes and sends only a confirmed copy, so the checksum a client
   verifies is the checksum of bytes that were the chunk's for the whole copy;
+* optionally, ``lend(key, block_fps)`` gives the chunk's bytes in place (a memory slot's regions)
+  with a ``confirm()`` that says, after the last read of them, whether the slot was rewritten since
+  the lookup (:class:`~lmcache_connector.tiers.memory.slots.LentChunk`); ``None`` when it cannot
+  (then ``read`` copies). The server hashes and sends lent bytes without a copy and tells the
+  client whether they were confirmed (a TORN trailer otherwise: a miss);
 * a miss is ``None``, never an exception; an exception is a bug, which the server logs and answers
   as a miss;
 * thread-safe, and quick: it holds no lock across the copy that the worker needs to make progress.
@@ -32,9 +37,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from lmcache_connector.tiers.memory.slots import ChunkCopy, Shape, SlotTable
+from lmcache_connector.tiers.memory.slots import ChunkCopy, LentChunk, Shape, SlotTable
 
-__all__ = ["ChunkCopy", "ChunkSource", "Shape", "SlotTable"]
+__all__ = ["ChunkCopy", "ChunkSource", "LentChunk", "Shape", "SlotTable"]
 
 
 class ChunkSource(Protocol):

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from lmcache_connector.tiers.base import ChunkMiss, Store, WriteResult
-from lmcache_connector.tiers.memory.slots import ChunkCopy, Shape, SlotTable
+from lmcache_connector.tiers.memory.slots import ChunkCopy, LentChunk, Shape, SlotTable
 from lmcache_connector.tiers.peer.addresses import InstanceId, PeerAddress
 from lmcache_connector.tiers.peer.client import ChunkWant, PeerClient, PeerHealth, fetch_from_holders
 from lmcache_connector.tiers.peer.server import PeerServer
@@ -44,6 +44,9 @@ class TierSource:
         self.slots = slots
         self.disk = disk
         self.chunk_shape = chunk_shape
+
+    def lend(self, key: bytes, block_fps: tuple[bytes, ...]) -> LentChunk | None:
+        return self.slots.lend(key, block_fps)  # memory only: a disk chunk is read (and verified) first
 
     def read(self, key: bytes, block_fps: tuple[bytes, ...], scratch: Callable[[int], memoryview]) -> ChunkCopy | None:
         copy = self.slots.read(key, block_fps, scratch)

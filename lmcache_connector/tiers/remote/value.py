@@ -68,6 +68,11 @@ class CorruptValueError(RemoteValueError):
     """The bytes do not match the checksum, the header is malformed, or bytes trail the data."""
 
 
+class ChecksumMismatchError(CorruptValueError):
+    """Every byte of the value was read, and they do not match its checksum (a reader of a stream
+    is still in step with it after this one)."""
+
+
 @dataclass(frozen=True)
 class ValueHeader:
     """What a value says about itself. ``checksum`` is empty on the header a reader expects."""
@@ -274,7 +279,7 @@ def _check_expected(header: ValueHeader, expect: ValueHeader, regions: Sequence[
 
 def _check_checksum(header: ValueHeader, digest: Any) -> None:
     if "xxh3_64:" + digest.hexdigest() != header.checksum:
-        raise CorruptValueError("checksum mismatch: the value is corrupt")
+        raise ChecksumMismatchError("checksum mismatch: the value is corrupt")
 
 
 def _bytes_view(buffer: bytes | bytearray | memoryview) -> memoryview:
