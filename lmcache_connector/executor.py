@@ -59,6 +59,10 @@ logger = logging.getLogger("lmcache_connector")
 IDLE_STEP_WAIT_S = 0.01
 
 
+class UnfilledSlotError(RuntimeError):
+    """A load from a slot that holds no verified chunk (its fill missed): a recompute."""
+
+
 class Executor:
     def __init__(
         self,
@@ -188,7 +192,10 @@ class Executor:
             try:
                 self._load(spec.slot, spec.first_block, spec.block_ids)
             except Exception as exc:  # a failed load is a recompute, never a crash
-                logger.warning("Load of %d blocks for request %s failed: %s", len(spec.block_ids), req_id, exc)
+                # A slot whose fill missed is expected (that miss was logged and counted); anything
+                # else is a warning.
+                log = logger.info if isinstance(exc, UnfilledSlotError) else logger.warning
+                log("Load of %d blocks for request %s failed: %s", len(spec.block_ids), req_id, exc)
                 self._fail_load(spec.block_ids)
                 self._report.failed_load_slots.add(spec.slot)
                 failed = True  # vLLM recomputes from the first failed block: later loads are wasted
@@ -264,7 +271,9 @@ class Executor:
             else:
                 store.read_into(fill.key, fill.block_fps, _regions(view))
         except ChunkMiss as exc:
-            logger.warning("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
+            # A miss, counted (failed_loads); the tier itself warns once per outage or bad peer, so
+            # a store that is down does not write a warning per chunk of every request.
+            logger.info("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
             return ("gone" if exc.gone else "failed"), 0.0
         except Exception as exc:
             logger.warning("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
@@ -352,7 +361,7 @@ class Executor:
 
     def _load(self, slot: int, first_block: int, block_ids: list[int]) -> None:
         if not 0 <= slot < len(self._slot_valid) or not self._slot_valid[slot]:
-            raise RuntimeError(f"slot {slot} holds no stored chunk")
+            raise UnfilledSlotError(f"slot {slot} holds no stored chunk")
         self.mover.load(self.pool.slot(slot, len(block_ids), first_block), block_ids, slot=slot)
 
     def abort_loads(self, plan: StepPlan) -> None:

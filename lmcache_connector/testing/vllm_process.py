@@ -341,6 +341,24 @@ class _Handlers:
             view = worker.pool.slot(slot)
             view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8, generator=gen))
 
+    def keep_warnings(self) -> None:
+        """Start keeping the connector's warning lines, from both halves (``warnings`` returns them)."""
+        import logging
+
+        if getattr(self, "_warnings", None) is None:
+            self._warnings: list[str] = []
+            kept = self._warnings
+
+            class Keep(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    kept.append(record.getMessage())
+
+            logging.getLogger("lmcache_connector").addHandler(Keep(logging.WARNING))
+
+    def warnings(self) -> list[str]:
+        """The connector's warning lines since ``keep_warnings``."""
+        return list(self._warnings)
+
     def reset_prefix_cache(self, reset_connector: bool = False) -> bool:
         """Empty vLLM's own prefix cache (and the connector's too, when asked)."""
         return bool(self.llm.reset_prefix_cache(reset_connector=reset_connector))
