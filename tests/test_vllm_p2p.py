@@ -318,8 +318,15 @@ def test_with_the_registry_hung_both_engines_serve_from_their_own_tiers_and_shar
         assert time.monotonic() < deadline, "sharing did not resume after the registry came back"
         time.sleep(0.5)
     assert warm["num_cached_tokens"] == 300 // BLOCK * BLOCK
-    assert peer_tier_up(first) and peer_tier_up(second)
     assert_same_greedy(cold, warm)
+    # Each engine's view comes back up at its own next probe (backing off while the registry was
+    # down) and is polled on a scheduler step: tiny requests make steps until both are up.
+    deadline = time.monotonic() + 30
+    while not (peer_tier_up(first) and peer_tier_up(second)):
+        assert time.monotonic() < deadline, "the peer tier was not marked up again"
+        for engine in pair:
+            engine.generate([[5, 6, 7]], max_tokens=1)
+        time.sleep(0.2)
 
 
 def test_a_peer_killed_mid_run_is_a_recompute_and_it_stops_being_a_holder_within_the_live_ttl(pair, redis):
