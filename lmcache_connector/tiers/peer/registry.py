@@ -102,26 +102,8 @@ class RegistryRedis(RedisClient):
                 for _, queue in ops:
                     queue(pipe)
                 return pipe.execute()
-        by_node: dict[str, tuple[Any, list[int]]] = {}
-        with self._errors(command):
-            for i, (key, _) in enumerate(ops):
-                node = self._client.get_node_from_key(key)
-                by_node.setdefault(node.name, (node, []))[1].append(i)
-        replies: list[Any] = [None] * len(ops)
-        failures: list[RemoteError] = []
-        for node, positions in by_node.values():
-            try:
-                with self._errors(command):
-                    pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
-                    for i in positions:
-                        ops[i][1](pipe)
-                    for i, reply in zip(positions, pipe.execute(raise_on_error=False), strict=True):
-                        replies[i] = None if isinstance(reply, Exception) else reply
-            except RemoteError as exc:
-                failures.append(exc)
-        if failures and len(failures) == len(by_node):
-            raise failures[0]
-        return replies
+        keys = [key for key, _ in ops]
+        return self._per_node_at(command, keys, lambda pipe, i: ops[i][1](pipe), reply_errors_as_none=True)
 
 
 def registry_options(config: LMCacheConfig, socket_timeout_s: float = REGISTRY_SOCKET_TIMEOUT_S) -> RedisOptions:

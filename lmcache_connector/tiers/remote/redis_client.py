@@ -279,6 +279,18 @@ class RedisClient:
     def _per_node(self, command: str, keys: Sequence[str], add: Callable[[Any, str], Any]) -> list[Any]:
         """A cluster batch as one pipeline per node. A node that fails gives ``None`` for its keys
         (a killed node costs its keys, not the whole answer); when every node fails, the error."""
+        return self._per_node_at(command, keys, lambda pipe, i: add(pipe, keys[i]))
+
+    def _per_node_at(
+        self,
+        command: str,
+        keys: Sequence[str],
+        add_at: Callable[[Any, int], Any],
+        reply_errors_as_none: bool = False,
+    ) -> list[Any]:
+        """:meth:`_per_node` with the command of position *i* queued by ``add_at(pipe, i)`` (several
+        commands may name one key). With ``reply_errors_as_none``, a command the node refused gives
+        ``None`` for its own position instead of failing its node's whole pipeline."""
         if not keys:
             return []
         by_node: dict[str, tuple[Any, list[int]]] = {}
@@ -293,9 +305,10 @@ class RedisClient:
                 with self._errors(command):
                     pipe = self._client.get_redis_connection(node).pipeline(transaction=False)
                     for i in positions:
-                        add(pipe, keys[i])
-                    for i, value in zip(positions, pipe.execute(), strict=True):
-                        results[i] = value
+                        add_at(pipe, i)
+                    replies = pipe.execute(raise_on_error=not reply_errors_as_none)
+                    for i, value in zip(positions, replies, strict=True):
+                        results[i] = None if isinstance(value, Exception) else value
             except RemoteError as exc:
                 failures.append(exc)
         if failures and len(failures) == len(by_node):
