@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -199,13 +200,17 @@ def value_of(chunk: Chunk, namespace: str = NAMESPACE, rank: str = "tp0pp0") -> 
 
 class FakePeer:
     """A listener whose connections run ``behave(sock, chunks)``, after an honest handshake unless
-    ``handshake`` is False. ``chunks`` are the chunks it "holds"; ``connections`` counts accepts."""
+    ``handshake`` is False. ``chunks`` are the chunks it "holds"; ``connections`` counts accepts,
+    ``dialled_at`` and ``ended_at`` hold when each connection was accepted and when it ended
+    (``time.monotonic()``), so a test can tell how long a client stayed away after a failure."""
 
     def __init__(self, behave: Callable[[socket.socket, list[Chunk]], None], chunks=(), handshake: bool = True):
         self.behave, self.chunks, self.handshake = behave, list(chunks), handshake
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = PeerAddress("127.0.0.1", self.listener.getsockname()[1])
         self.connections = 0
+        self.dialled_at: list[float] = []
+        self.ended_at: list[float] = []
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -220,6 +225,7 @@ class FakePeer:
                 continue
             except OSError:
                 return
+            self.dialled_at.append(time.monotonic())
             self.connections += 1
             self._socks.append(sock)
             threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
@@ -238,6 +244,14 @@ class FakePeer:
             pass
         finally:
             sock.close()
+            self.ended_at.append(time.monotonic())
+
+    def wait_all_ended(self, timeout_s: float = 10) -> None:
+        """Until every connection accepted so far has ended (the client hung up)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.ended_at) < self.connections:
+            assert time.monotonic() < deadline, f"{self.connections - len(self.ended_at)} connections never ended"
+            time.sleep(0.02)
 
     def close(self) -> None:
         self._stop.set()
