@@ -63,6 +63,12 @@ def test_config_prints_the_effective_configuration_and_where_each_value_came_fro
     assert rows["LMCACHE_LOCAL_CPU"] == ["True", "default"]
     assert "tiers: memory 2 GB; chunk_size=512" in result.stdout
 
+    # A setting whose default depends on the store shows the value that store gets.
+    for url, shown in (("s3://bucket/cache", "1000"), ("redis://127.0.0.1:6379", "100")):
+        out = run("config", env={**env, "LMCACHE_REMOTE_URL": url}).stdout
+        timeout = next(line for line in out.splitlines() if line.startswith("LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS"))
+        assert timeout.split()[1:] == [shown, "(this", "store's", "default)", "default"], timeout
+
     report = json.loads(run("config", "--json", env=env).stdout)
     assert report["valid"] is True
     assert report["config"]["chunk_size"] == 512

@@ -28,6 +28,7 @@ from lmcache_connector.config import (
     EXTRA_CONFIG_PREFIX,
     SETTINGS,
     ConfigError,
+    LMCacheConfig,
     check_chunk_size,
     describe,
     env_name,
@@ -111,7 +112,10 @@ def _sources(env: dict[str, str], extra: dict[str, Any]) -> dict[str, str]:
     return sources
 
 
-def _show(key: str, value: Any) -> str:
+def _show(key: str, value: Any, config: LMCacheConfig) -> str:
+    if key == "remote_lookup_timeout_ms" and value is None and (config.parsed_remote_url or config.enable_p2p):
+        # Unset picks the store's own default: show the one the remote tier (and P2P registry) get.
+        return f"{config.remote_lookup_timeout_s * 1000:g} (this store's default)"
     if value is None:
         return "(unset)"
     if key.startswith("max_") and key.endswith("_size"):
@@ -150,7 +154,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return INVALID
 
     sources = _sources(env, extra)
-    rows = [(env_name(key), _show(key, value), sources[key]) for key, value in config.redacted_dict().items()]
+    rows = [(env_name(key), _show(key, value, config), sources[key]) for key, value in config.redacted_dict().items()]
     widths = [max(len(row[i]) for row in [("VARIABLE", "VALUE", "SOURCE"), *rows]) for i in range(3)]
     for row in [("VARIABLE", "VALUE", "SOURCE"), *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
