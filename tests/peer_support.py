@@ -264,6 +264,19 @@ class FakePeer:
         self._thread.join(2)
 
 
+def counts_reaching(take_counts: Callable[[], dict[str, float]], timeout_s: float = 2.0, **least: float) -> dict:
+    """``take_counts()`` summed until every counter in ``least`` reached its value (or the timeout):
+    a server counts a chunk just after sending it, so its client can finish a moment before."""
+    counts: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for name, amount in take_counts().items():
+            counts[name] = counts.get(name, 0) + amount
+        if all(counts.get(name, 0) >= amount for name, amount in least.items()) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.01)
+
+
 def found_frame(chunk: Chunk, tag: int = 0, value: bytes | None = None, length: int | None = None) -> bytes:
     value = value_of(chunk) if value is None else value
     return frame_header(FrameType.FOUND, len(value) if length is None else length, tag=tag) + value
