@@ -287,7 +287,7 @@ def test_the_view_never_excludes_nobody_but_itself(registry):
 
 
 def test_a_hung_registry_is_a_miss_at_once_and_comes_back(server, monkeypatch, caplog):
-    monkeypatch.setattr(view_module, "PROBE_FIRST_S", 0.05)
+    monkeypatch.setattr(view_module.PeerView, "probe_first_s", 0.05)
     server.admin().flushall()
     registry = PeerRegistry(connect(server.port, timeout=0.2), NAMESPACE, live_ttl_s=LIVE_TTL, holder_ttl_s=HOLDER_TTL)
     view = PeerView(registry, own=None, lookup_timeout_s=0.05)

@@ -188,7 +188,7 @@ def test_clear_removes_this_namespace_and_nothing_else(server):
 
 
 def test_a_hung_store_is_a_bounded_miss_then_down_and_it_comes_back(server, monkeypatch, caplog):
-    monkeypatch.setattr(remote_catalog, "PROBE_FIRST_S", 0.1)
+    monkeypatch.setattr(remote_catalog.RemoteCatalog, "probe_first_s", 0.1)
     monkeypatch.setattr(remote_store, "BACKOFF_FIRST_S", 0.2)
     prompt = fps("hang", BPC)
     write(make_store(server), prompt, payload(BPC, 1))

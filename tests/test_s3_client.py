@@ -248,7 +248,7 @@ def test_a_periodic_listing_finds_chunks_without_asking_and_forgets_deleted_ones
 
 
 def test_an_object_deleted_behind_the_tiers_back_is_a_miss(s3, monkeypatch):
-    monkeypatch.setattr(remote_catalog, "ANSWER_TTL_S", 0.2)  # a used answer is asked again after this
+    monkeypatch.setattr(remote_catalog.RemoteCatalog, "answer_ttl_s", 0.2)  # a used answer is asked again after this
     url = f"s3://{BUCKET}/lifecycle"
     prompt = fps("expiring", BPC)
     write(RemoteStore(client(url), NS, "tp0pp0", shape), prompt, payload(BPC, 1))

@@ -14,41 +14,39 @@ finds it; then ``EXISTS`` on every rank's value of every chunk named. A chunk co
 every tensor-parallel rank's value exists; an entry whose chunk is gone, or that is not a valid
 entry, is a miss.
 
-Promises:
+Promises (the lookup machinery is :class:`~lmcache_connector.tiers.lookup_cache.LookupCache`'s):
 
 * **never blocking**: a question is given at most ``LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS``; past that
-  it is a miss (counted; one warning). A call of the background thread that fails (the store
-  refuses, drops the connection, or does not answer within the catalog's socket timeout) marks the
-  tier *down*: while down, every lookup is an immediate miss and no write is planned, until a
-  background ``PING`` succeeds (tried after 0.5 s, then at doubling
-  intervals up to 30 s). One warning when the tier goes down, one when it is back; never a
-  permanent disable. A freshly asked question may be waited for a few milliseconds
-  (:data:`ANSWER_WAIT_S`), which a store on the same machine or network answers within, so a
-  remote hit usually costs no extra scheduler step;
+  it is a miss (counted; one warning), not an outage: a store busy taking writes answers late. A
+  call of the background thread that fails (the store refuses, drops the connection, or does not
+  answer within the client's socket timeout) marks the tier *down*: while down, every lookup is an
+  immediate miss and no write is planned, until a background ``PING`` succeeds (tried after 0.5 s,
+  then at doubling intervals up to 30 s). One warning when the tier goes down, one when it is
+  back; never a permanent disable. A freshly asked question may be waited for a few milliseconds,
+  which a store on the same machine or network answers within, so a remote hit usually costs no
+  extra scheduler step;
 * **listing, where asked for** (``LMCACHE_S3_LIST_INTERVAL_SECS``, S3 only): every so many
   seconds the background thread lists this namespace's values (ListObjectsV2); a chunk every rank's
   value is listed for is answered at once, without asking. Each listing replaces the last, so an
   object a bucket lifecycle rule deleted drops out; a listed chunk gone at read time is a miss
-  (:meth:`forget`), as any stale answer;
-* **allowed to be stale**: answers are kept until they were used and are :data:`ANSWER_TTL_S`
+  (:meth:`RemoteCatalog.forget`), as any stale answer;
+* **allowed to be stale**: answers are kept until they were used and are ``answer_ttl_s`` (5 s)
   old, then asked again (so chunks other engines store become visible); a chunk the store evicted
-  meanwhile is a miss at read time, which the planner reports back through :meth:`forget`.
+  meanwhile is a miss at read time, which the planner reports back through ``forget``.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-from lmcache_connector.tiers.base import PENDING, Catalog, StoredChunk, _Pending
+from lmcache_connector.tiers.base import Catalog, StoredChunk, _Pending
+from lmcache_connector.tiers.lookup_cache import LookupCache, Question
 from lmcache_connector.tiers.remote.client import (
     SIDE_KEY_MARK,
     RemoteClient,
-    RemoteError,
     entry_fingerprints,
     side_key,
     value_key,
@@ -58,28 +56,19 @@ from lmcache_connector.tiers.remote.value import decode_block_entry
 logger = logging.getLogger("lmcache_connector")
 
 ENTRY_RANK = "tp0pp0"  # the rank whose writer adds the block entries (one set per chunk is enough)
-ANSWER_TTL_S = 5.0  # a used answer is asked again after this long
-ANSWER_MAX_AGE_S = 60.0  # an answer nobody used is dropped after this long
-ANSWER_WAIT_S = 0.003  # the longest a lookup waits for an answer it just asked for
-PROBE_FIRST_S = 0.5
-PROBE_MAX_S = 30.0
 USAGE_INTERVAL_S = 5.0
 MAX_LISTED = 200_000  # chunks a listing keeps (16-byte keys: a few MB); the rest are asked about
 
 
-@dataclass
-class _Answer:
-    chunk: StoredChunk | None  # the chunk holding this block boundary, or None: the store has none
-    at: float
-    used: bool = False
-
-
-class RemoteCatalog(Catalog):
+class RemoteCatalog(LookupCache[StoredChunk], Catalog):
     name = "remote"
     hit_source = "external_unspecified"
     asynchronous = True  # every fill is a network read
     learns_by_asking = True
     order = 30
+    answer_ttl_s = 5.0  # a chunk another engine stored becomes visible within this long of a used answer
+    answer_max_age_s = 60.0
+    thread_name = "lmcache-remote-catalog"
 
     def __init__(
         self,
@@ -94,104 +83,34 @@ class RemoteCatalog(Catalog):
         self.client = client
         self.namespace_hex = namespace_hex
         self.rank_tags = list(rank_tags)
-        self.lookup_timeout_s = lookup_timeout_s
         self.ttl_secs = ttl_secs
         self._prefix = client.key_prefix
         self.list_interval_s = list_interval_s
         self._listed: frozenset[bytes] = frozenset()  # chunks every rank's value was listed for
-        self._answers: dict[bytes, _Answer] = {}
-        self._asked: dict[bytes, float] = {}  # block fingerprint -> deadline of its question
         self._chunks: dict[bytes, StoredChunk] = {}  # chunks known to be held, by key
-        self._up = start_up
         self._used_bytes = 0
         self._max_bytes = 0
-        self._counts: dict[str, float] = {}
-        self._next_expiry = 0.0
         self._warned_listing = False
         self._warned_slow = False
-        # Scheduler thread -> background thread: questions, and work that must not wait on the network.
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        # Background thread -> scheduler thread, applied in poll().
-        self._results: queue.SimpleQueue = queue.SimpleQueue()
-        self._answered = threading.Event()
-        self._down = threading.Event()  # the scheduler side marked the tier down: probe before asking again
-        if not start_up:
-            self._down.set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lmcache-remote-catalog", daemon=True)
-        self._thread.start()
+        self._next_usage = 0.0  # background thread
+        self._next_listing = 0.0
+        super().__init__(lookup_timeout_s, start_up)  # last: starts the background thread
+
+    @property
+    def service(self) -> str:
+        return f"the remote tier {self.client.url}"
 
     # ------------------------------------------------------------ scheduler-thread API
-
-    def poll(self) -> None:
-        while True:
-            try:
-                kind, *payload = self._results.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "answers":
-                self._apply(payload[0])
-            elif kind == "down":
-                self._mark_down(payload[0])
-            elif kind == "up":
-                self._mark_up()
-            elif kind == "usage":
-                self._used_bytes, self._max_bytes = payload
-            elif kind == "listed":
-                self._listed = payload[0]
-        now = time.monotonic()
-        if now >= self._next_expiry:
-            self._expire(now)
-            self._next_expiry = now + 1.0
-
-    def prefetch(self, block_fps: Sequence[bytes], blocks_per_chunk: int) -> None:
-        if not self._up:
-            return
-        questions = [
-            tuple(block_fps[start : start + blocks_per_chunk]) for start in range(0, len(block_fps), blocks_per_chunk)
-        ]
-        questions = [q for q in questions if not self._answer_from_listing(q)]
-        if self._ask([q for q in questions if any(fp not in self._answers for fp in q)]):
-            self._wait_briefly()
 
     def best_piece(self, block_fps: Sequence[bytes]) -> tuple[StoredChunk, int] | _Pending | None:
         if not self._up or not block_fps:
             return None
-        self._answer_from_listing(block_fps)
+        self._known_without_asking(block_fps)
         whole = self._answers.get(block_fps[-1])
-        if whole is not None and whole.chunk is not None:
+        if whole is not None and whole.held is not None:
             whole.used = True
-            return whole.chunk, len(block_fps)
-        unknown = [fp for fp in block_fps if fp not in self._answers]
-        if unknown:
-            if self._ask([tuple(block_fps)]):
-                self._wait_briefly()
-                self.poll()
-                unknown = [fp for fp in block_fps if fp not in self._answers]
-        if unknown:
-            if time.monotonic() > min(self._asked[fp] for fp in unknown):
-                # A miss for this lookup, counted; not an outage: a store busy taking writes answers
-                # late, and marking it down would drop those writes. A store that does not answer at
-                # all fails the catalog's call within its socket timeout, and that marks it down.
-                self._counts["remote_failures"] = self._counts.get("remote_failures", 0) + 1
-                if not self._warned_slow:
-                    self._warned_slow = True
-                    logger.warning(
-                        "lmcache_connector: the remote tier %s did not answer a lookup within %.0f ms "
-                        "(LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS): a miss; late lookups are counted in "
-                        "remote_failures",
-                        self.client.url,
-                        self.lookup_timeout_s * 1000,
-                    )
-                return None
-            return PENDING
-        best = None
-        for n in range(len(block_fps), 0, -1):
-            answer = self._answers[block_fps[n - 1]]
-            answer.used = True
-            if best is None and answer.chunk is not None:
-                best = (answer.chunk, n)
-        return best
+            return whole.held, len(block_fps)
+        return self._longest(block_fps)
 
     @property
     def listed(self) -> frozenset[bytes]:
@@ -214,15 +133,10 @@ class RemoteCatalog(Catalog):
     def accepts_writes(self) -> bool:
         return self._up
 
-    def up(self) -> bool:
-        return self._up
-
     def stored(self, key: bytes, block_fps: tuple[bytes, ...], nbytes: int) -> None:
         chunk = StoredChunk(key, tuple(block_fps))
         self._chunks[key] = chunk
-        now = time.monotonic()
-        for fp in chunk.block_fps:
-            self._answers[fp] = _Answer(chunk, now)
+        self._apply(dict.fromkeys(chunk.block_fps, chunk))
 
     def forget(self, key: bytes) -> None:
         if key in self._listed:
@@ -230,11 +144,12 @@ class RemoteCatalog(Catalog):
         chunk = self._chunks.pop(key, None)
         if chunk is None:
             return
-        now = time.monotonic()
+        gone = []
         for fp in chunk.block_fps:
             answer = self._answers.get(fp)
-            if answer is not None and answer.chunk is not None and answer.chunk.key == key:
-                self._answers[fp] = _Answer(None, now)  # gone: not asked again until this answer expires
+            if answer is not None and answer.held is not None and answer.held.key == key:
+                gone.append(fp)
+        self._apply(dict.fromkeys(gone))  # gone: not asked again until these answers expire
 
     def discard(self, key: bytes) -> None:
         self.forget(key)
@@ -254,84 +169,50 @@ class RemoteCatalog(Catalog):
     def capacity(self) -> int:
         return self._max_bytes
 
-    def take_counts(self) -> dict[str, float]:
-        counts, self._counts = self._counts, {}
-        return counts
-
     def close(self) -> None:
-        self._stop.set()
-        self._work.put(("stop",))
-        self._thread.join(timeout=5)
+        super().close()
         self.client.close()
 
     # ------------------------------------------------------------ scheduler-thread pieces
 
-    def _ask(self, questions: list[tuple[bytes, ...]]) -> bool:
-        """Send the questions not already in flight; whether anything was sent."""
-        deadline = time.monotonic() + self.lookup_timeout_s
-        fresh = [q for q in questions if any(fp not in self._asked and fp not in self._answers for fp in q)]
-        for question in fresh:
-            for fp in question:
-                if fp not in self._answers:
-                    self._asked.setdefault(fp, deadline)
-        if fresh:
-            self._answered.clear()
-            self._work.put(("ask", fresh))
-        return bool(fresh)
+    def _late(self) -> None:
+        # A miss for this lookup, counted; not an outage: a store busy taking writes answers late,
+        # and marking it down would drop those writes. A store that does not answer at all fails
+        # the catalog's call within its socket timeout, and that marks it down.
+        self._count("remote_failures")
+        if not self._warned_slow:
+            self._warned_slow = True
+            logger.warning(
+                "lmcache_connector: the remote tier %s did not answer a lookup within %.0f ms "
+                "(LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS): a miss; late lookups are counted in remote_failures",
+                self.client.url,
+                self.lookup_timeout_s * 1000,
+            )
 
-    def _answer_from_listing(self, block_fps: Sequence[bytes]) -> bool:
-        """Whether the last listing holds the chunk ``block_fps`` make (the prompt's whole chunk, or
+    def _known_without_asking(self, question: Sequence[bytes]) -> bool:
+        """Whether the last listing holds the chunk ``question`` makes (the prompt's whole chunk, or
         its partial last one); if so it becomes the answer, without asking the store."""
-        key = block_fps[-1]
+        key = question[-1]
         if key not in self._listed:
             return False
         answer = self._answers.get(key)
-        if answer is None or answer.chunk is None or answer.chunk.key != key:
-            self._apply({key: StoredChunk(key, tuple(block_fps))})
+        if answer is None or answer.held is None or answer.held.key != key:
+            self._apply({key: StoredChunk(key, tuple(question))})
         return True
 
-    def _wait_briefly(self) -> None:
-        if self._answered.wait(min(ANSWER_WAIT_S, self.lookup_timeout_s)):
-            self.poll()
+    def _keep(self, chunk: StoredChunk | None) -> StoredChunk | None:
+        return None if chunk is None else self._chunks.setdefault(chunk.key, chunk)
 
-    def _apply(self, answers: dict[bytes, StoredChunk | None]) -> None:
-        now = time.monotonic()
-        for fp, chunk in answers.items():
-            self._asked.pop(fp, None)
-            if chunk is not None:
-                chunk = self._chunks.setdefault(chunk.key, chunk)
-            self._answers[fp] = _Answer(chunk, now)
-
-    def _expire(self, now: float) -> None:
-        stale = [
-            fp
-            for fp, a in self._answers.items()
-            if (a.used and now - a.at > ANSWER_TTL_S) or now - a.at > ANSWER_MAX_AGE_S
-        ]
-        for fp in stale:
-            del self._answers[fp]
-        held = {a.chunk.key for a in self._answers.values() if a.chunk is not None}
+    def _expired(self) -> None:
+        held = {a.held.key for a in self._answers.values() if a.held is not None}
         for key in [k for k in self._chunks if k not in held]:
             del self._chunks[key]
-        for fp in [fp for fp, deadline in self._asked.items() if now - deadline > ANSWER_MAX_AGE_S]:
-            del self._asked[fp]  # a question the store never answered (it went down meanwhile)
 
-    def _mark_down(self, reason: str) -> None:
-        if self._up:
-            logger.warning(
-                "lmcache_connector: the remote tier %s is down (%s); serving from the other tiers and "
-                "retrying in the background",
-                self.client.url,
-                reason,
-            )
-        self._up = False
-        self._asked.clear()
-        self._down.set()
-
-    def _mark_up(self) -> None:
-        if not self._up:
-            logger.warning("lmcache_connector: the remote tier %s is back", self.client.url)
-        self._up = True
+    def _on_result(self, kind: str, payload: Any) -> None:
+        if kind == "usage":
+            self._used_bytes, self._max_bytes = payload
+        elif kind == "listed":
+            self._listed = payload
 
     def _value_key(self, tag: str, key: bytes) -> str:
         return value_key(self._prefix, self.namespace_hex, tag, key.hex())
@@ -341,76 +222,24 @@ class RemoteCatalog(Catalog):
 
     # ------------------------------------------------------------ background thread
 
-    def _run(self) -> None:
-        probe_wait = PROBE_FIRST_S
-        next_usage = 0.0
-        next_listing = 0.0
-        while not self._stop.is_set():
-            if self._down.is_set():
-                if self._stop.wait(probe_wait):
-                    return
-                try:
-                    self.client.ping()
-                except RemoteError:
-                    probe_wait = min(probe_wait * 2, PROBE_MAX_S)
-                    continue
-                probe_wait = PROBE_FIRST_S
-                self._down.clear()
-                self._drain_questions()  # asked before the outage: their deadlines are long past
-                self._results.put(("up",))
-                continue
-            try:
-                item = self._work.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            try:
-                if item is not None:
-                    self._handle(item)
-                if time.monotonic() >= next_usage:
-                    next_usage = time.monotonic() + USAGE_INTERVAL_S
-                    self._results.put(("usage", *self.client.memory()))
-                if self.list_interval_s is not None and time.monotonic() >= next_listing:
-                    next_listing = time.monotonic() + self.list_interval_s
-                    self._results.put(("listed", self._list_chunks()))
-            except RemoteError as exc:
-                self._down.set()
-                self._results.put(("down", str(exc)))
-            except Exception:  # a bug here must not kill the thread: the tier would never answer again
-                logger.exception("lmcache_connector: the remote catalog's background work failed")
+    def _ping(self) -> None:
+        self.client.ping()
 
-    def _drain_questions(self) -> None:
-        kept = []
-        while True:
-            try:
-                item = self._work.get_nowait()
-            except queue.Empty:
-                break
-            if item[0] != "ask":
-                kept.append(item)
-        for item in kept:
-            self._work.put(item)
+    def _tick(self) -> None:
+        if time.monotonic() >= self._next_usage:
+            self._next_usage = time.monotonic() + USAGE_INTERVAL_S
+            self._results.put(("usage", self.client.memory()))
+        if self.list_interval_s is not None and time.monotonic() >= self._next_listing:
+            self._next_listing = time.monotonic() + self.list_interval_s
+            self._results.put(("listed", self._list_chunks()))
 
-    def _handle(self, item: tuple) -> None:
-        kind = item[0]
-        if kind == "ask":
-            questions = list(item[1])
-            while True:  # answer everything asked so far in one batch
-                try:
-                    more = self._work.get_nowait()
-                except queue.Empty:
-                    break
-                if more[0] == "ask":
-                    questions.extend(more[1])
-                else:
-                    self._handle(more)
-            self._results.put(("answers", self._resolve(questions)))
-            self._answered.set()
-        elif kind == "expire":
-            self.client.expire_many(item[1], self.ttl_secs)
+    def _handle_other(self, kind: str, payload: Any) -> None:
+        if kind == "expire":
+            self.client.expire_many(payload, self.ttl_secs)
         elif kind == "delete":
-            self.client.delete_many(item[1])
+            self.client.delete_many(payload)
         elif kind == "clear":
-            for pattern in item[1]:
+            for pattern in payload:
                 self.client.delete_matching(pattern)
 
     def _list_chunks(self) -> frozenset[bytes]:
@@ -437,7 +266,7 @@ class RemoteCatalog(Catalog):
                     continue
         return frozenset(key for key, held in ranks.items() if len(held) == len(self.rank_tags))
 
-    def _resolve(self, questions: list[tuple[bytes, ...]]) -> dict[bytes, StoredChunk | None]:
+    def _resolve(self, questions: list[Question]) -> dict[bytes, StoredChunk | None]:
         """The chunk holding each asked block boundary (every rank's value present), or None.
 
         A question is one chunk's worth of a prompt's block fingerprints, from a chunk boundary.
