@@ -27,7 +27,7 @@ from lmcache_connector.tiers.peer.publisher import RegistryPublisher
 from lmcache_connector.tiers.peer.registry import PeerRegistry, connect_registry, registry_options
 from lmcache_connector.tiers.peer.store import PeerStore
 from lmcache_connector.tiers.peer.view import PeerView
-from lmcache_connector.tiers.remote.client import RemoteAuthError, RemoteUnavailableError
+from lmcache_connector.tiers.remote.client import answers_at_start
 
 logger = logging.getLogger("lmcache_connector")
 
@@ -43,20 +43,7 @@ class PeerMedium(Medium):
         namespace_hex = geometry.namespace.digest().hex()
         redis = connect_registry(config.parsed_lookup_url, registry_options(config))
         registry = PeerRegistry(redis, namespace_hex, key_prefix=config.remote_key_prefix)
-        up = True
-        try:
-            registry.ping()
-        except RemoteAuthError as exc:
-            registry.close()
-            raise ValueError(f"the P2P lookup registry cannot be used: {exc}") from None
-        except RemoteUnavailableError as exc:
-            logger.warning(
-                "lmcache_connector: the P2P lookup registry %s does not answer (%s); starting without peers and "
-                "retrying in the background",
-                redis.url,
-                exc,
-            )
-            up = False
+        up = answers_at_start("the P2P lookup registry", redis.url, registry.ping, registry.close, "without peers")
         own = InstanceId.new(advertised_address(config.distributed_url, config.p2p_advertise_host))
         view = PeerView(registry, own, lookup_timeout_s=config.remote_lookup_timeout_s, start_up=up)
         publisher = RegistryPublisher(registry, own).start()

@@ -15,7 +15,8 @@ the credentials: a configuration error naming the setting to fix).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from lmcache_connector.config import LMCacheConfig
 
 SIDE_KEY_MARK = "b:"  # block entries: <prefix>b:<namespace16>-<rank>-<block fingerprint>
+
+
+logger = logging.getLogger("lmcache_connector")
 
 
 class RemoteError(Exception):
@@ -143,6 +147,29 @@ def entry_fingerprints(block_fps: Sequence[bytes], every_block: bool) -> Sequenc
     block only cost one request a chunk instead of one a block. Either way an entry is a hint: the
     value's header is checked when it is read."""
     return block_fps if every_block else block_fps[:1]
+
+
+def answers_at_start(what: str, url: object, ping: Callable[[], None], close: Callable[[], None], without: str) -> bool:
+    """Whether a store (or registry) answers its first ping, as a tier starts.
+
+    Refused credentials are a start-up error (``close``, then a ValueError naming ``what``): no
+    probe would ever fix them. A store that does not answer yet is one warning, and the tier starts
+    down (``without`` it), probed in the background until it answers."""
+    try:
+        ping()
+    except RemoteAuthError as exc:
+        close()
+        raise ValueError(f"{what} cannot start: {exc}") from None
+    except RemoteUnavailableError as exc:
+        logger.warning(
+            "lmcache_connector: %s %s does not answer (%s); starting %s and retrying in the background",
+            what,
+            url,
+            exc,
+            without,
+        )
+        return False
+    return True
 
 
 def served(url: RemoteUrl | None) -> bool:

@@ -14,15 +14,11 @@ warning: the tier starts *down* and comes up when a background probe reaches it.
 
 from __future__ import annotations
 
-import logging
-
 from lmcache_connector.keys import rank_tag
 from lmcache_connector.tiers.base import Catalog, Medium, Store
 from lmcache_connector.tiers.remote.catalog import RemoteCatalog
-from lmcache_connector.tiers.remote.client import RemoteAuthError, RemoteUnavailableError, connect_remote, served
+from lmcache_connector.tiers.remote.client import answers_at_start, connect_remote, served
 from lmcache_connector.tiers.remote.store import RemoteStore
-
-logger = logging.getLogger("lmcache_connector")
 
 LOOKUP_SOCKET_TIMEOUT_S = 2.0  # the catalog's calls; a lookup's own deadline is far shorter
 
@@ -36,20 +32,7 @@ class RemoteMedium(Medium):
             return None
         timeout = min(config.blocking_timeout_secs, LOOKUP_SOCKET_TIMEOUT_S)
         client = connect_remote(url, config, socket_timeout_secs=timeout)
-        up = True
-        try:
-            client.ping()
-        except RemoteAuthError as exc:
-            client.close()
-            raise ValueError(f"the remote tier cannot start: {exc}") from None
-        except RemoteUnavailableError as exc:
-            logger.warning(
-                "lmcache_connector: the remote tier %s does not answer (%s); starting without it and "
-                "retrying in the background",
-                url,
-                exc,
-            )
-            up = False
+        up = answers_at_start("the remote tier", url, client.ping, client.close, without="without it")
         ns = geometry.namespace
         ranks = [rank_tag(tp, pp) for tp in range(ns.tp_size) for pp in range(ns.pp_size)]
         return RemoteCatalog(
