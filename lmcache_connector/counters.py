@@ -11,6 +11,8 @@ Keys of the dict (``tier`` is ``memory``, ``disk``, ``peer`` or ``remote``):
   ``requested_tokens``, ``hit_tokens``, ``hit_tokens.<tier>``, ``lookups``,
   ``stored_bytes.<tier>``, ``store_seconds.<tier>``, ``loaded_bytes.<tier>``, ``load_seconds.<tier>``,
   ``evictions.<tier>``, ``dropped_stores``, ``failed_loads``, ``failed_stores.<tier>``,
+  ``failed_reads.<tier>`` (reads of a chunk from a tier that found nothing usable; the load that
+  needed it then fails too, counted once in ``failed_loads``),
   ``dropped_writes.<tier>`` (writes a secondary tier dropped: its queue was full or it was down),
   ``bad_values.<tier>`` (values under a valid key that were not the chunk asked for),
   ``remote_failures`` (calls to a remote store, a peer or the P2P registry that failed or timed out),

@@ -271,7 +271,7 @@ class Executor:
             else:
                 store.read_into(fill.key, fill.block_fps, _regions(view))
         except ChunkMiss as exc:
-            # A miss, counted (failed_loads); the tier itself warns once per outage or bad peer, so
+            # A miss, counted (failed_reads.<tier>); the tier itself warns once per outage or bad peer, so
             # a store that is down does not write a warning per chunk of every request.
             logger.info("Reading chunk %s from the %s tier failed: %s", fill.key.hex()[:12], fill.tier, exc)
             return ("gone" if exc.gone else "failed"), 0.0
@@ -291,7 +291,8 @@ class Executor:
             return
         if result == "gone":  # missing, corrupt or foreign: the catalog forgets it
             self._report.gone.add((fill.tier, fill.key))
-        self.counters.add("failed_loads")
+        # The read's own count; the load from this slot then fails and counts failed_loads.
+        self.counters.add(f"failed_reads.{fill.tier}")
         self._report.failed_stores[fill.store_id] += 1
 
     def _background_fills(self, fills: list[Fill]) -> list[tuple[str, float]]:

@@ -186,6 +186,7 @@ def test_every_documented_counter_reaches_a_series(kv_transfer_config):
         "evictions.disk": "lmcache_connector_evictions_total",
         "dropped_stores": "lmcache_connector_dropped_stores_total",
         "failed_loads": "lmcache_connector_failed_loads_total",
+        "failed_reads.peer": "lmcache_connector_failed_reads_total",
         "failed_stores.disk": "lmcache_connector_failed_stores_total",
         "remote_failures": "lmcache_connector_remote_failures_total",
         "usage_bytes.disk": "lmcache_connector_usage_bytes",

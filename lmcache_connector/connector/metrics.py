@@ -29,6 +29,7 @@ series                                          type     tier  meaning
 ``lmcache_connector_usage_bytes``               gauge    yes   bytes of chunks a tier holds now
 ``lmcache_connector_capacity_bytes``            gauge    yes   the most a tier may hold
 ``lmcache_connector_failed_loads_total``        counter        loads that failed (vLLM recomputed the blocks)
+``lmcache_connector_failed_reads_total``        counter  yes   chunk reads from a tier that found nothing usable
 ``lmcache_connector_failed_stores_total``       counter  yes   stores a tier could not complete (a future miss)
 ``lmcache_connector_dropped_stores_total``      counter        stores skipped because no room could be made
 ``lmcache_connector_remote_failures_total``     counter        failed calls to a remote store, a peer or the registry
@@ -104,6 +105,7 @@ class LMCacheConnectorStats(KVConnectorStats):
 _TROUBLE = (
     "evictions",
     "failed_loads",
+    "failed_reads",
     "failed_stores",
     "dropped_stores",
     "remote_failures",
@@ -155,6 +157,11 @@ SERIES = (
     Series("usage_bytes", "Bytes of KV chunks a tier holds now.", gauge=True, per_tier=True),
     Series("capacity_bytes", "The most bytes of KV chunks a tier may hold.", gauge=True, per_tier=True),
     Series("failed_loads", "Loads that failed; vLLM recomputed those blocks."),
+    Series(
+        "failed_reads",
+        "Chunk reads from a tier into memory that found nothing usable (gone, late, corrupt, foreign, a bad peer).",
+        per_tier=True,
+    ),
     Series("failed_stores", "Stores a tier could not complete (a future miss).", per_tier=True),
     Series("dropped_stores", "Stores skipped because no room could be made."),
     Series("remote_failures", "Failed calls to a remote store, a peer or the P2P lookup registry."),
