@@ -22,7 +22,6 @@ from lmcache_connector.tiers.peer.client import PeerClient
 from lmcache_connector.tiers.peer.publisher import RegistryPublisher
 from lmcache_connector.tiers.peer.registry import (
     PeerRegistry,
-    RegistryRedis,
     connect_registry,
     entry_key,
     holders_key,
@@ -31,7 +30,7 @@ from lmcache_connector.tiers.peer.registry import (
 )
 from lmcache_connector.tiers.peer.server import PeerServer
 from lmcache_connector.tiers.peer.view import PeerView
-from lmcache_connector.tiers.remote.redis_client import RedisOptions
+from lmcache_connector.tiers.remote.redis_client import RedisClient, RedisOptions
 from lmcache_connector.urls import parse_redis_url
 
 LIVE_TTL, HOLDER_TTL = 0.3, 0.8
@@ -43,7 +42,7 @@ def server(tmp_path_factory) -> rs.RedisServer:
         yield srv
 
 
-def connect(port: int, timeout: float = 0.5) -> RegistryRedis:
+def connect(port: int, timeout: float = 0.5) -> RedisClient:
     options = RedisOptions(socket_timeout_secs=timeout, connect_timeout_secs=timeout)
     return connect_registry(parse_redis_url(f"127.0.0.1:{port}"), options)
 

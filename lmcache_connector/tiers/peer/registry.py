@@ -44,14 +44,14 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lmcache_connector.keys import storage_name
 from lmcache_connector.tiers.base import StoredChunk
 from lmcache_connector.tiers.peer.addresses import InstanceId
-from lmcache_connector.tiers.remote.redis_client import RedisClient, RedisOptions, RemoteError, connect_redis
+from lmcache_connector.tiers.remote.redis_client import RedisClient, RedisOp, RedisOptions, RemoteError, connect_redis
 from lmcache_connector.tiers.remote.value import decode_block_entry, encode_block_entry
 from lmcache_connector.urls import RemoteUrl
 
@@ -64,8 +64,6 @@ LIVENESS_CACHE_S = 1.0
 ALL_RANKS = "all"
 REGISTRY_SOCKET_TIMEOUT_S = 1.0
 MAX_HOLDERS = 64  # members read per chunk (SRANDMEMBER): enough holders to try, bounded whatever is planted
-
-Op = tuple[str, Callable[[Any], Any]]  # a key and what to queue on a pipeline for it
 
 
 def live_key(prefix: str, namespace_hex: str, instance: InstanceId) -> str:
@@ -88,24 +86,6 @@ class PeerChunk:
     holders: tuple[InstanceId, ...]
 
 
-class RegistryRedis(RedisClient):
-    """The remote tier's Redis client, with the batched set and string commands the registry uses."""
-
-    def batch(self, command: str, ops: Sequence[Op]) -> list[Any]:
-        """Run ``ops`` in one pipeline (per node on a cluster: ops on a node that fails give
-        ``None``, unless every node fails); their replies, in order."""
-        if not ops:
-            return []
-        if not self._cluster:
-            with self._errors(command):
-                pipe = self._client.pipeline(transaction=False)
-                for _, queue in ops:
-                    queue(pipe)
-                return pipe.execute()
-        keys = [key for key, _ in ops]
-        return self._per_node_at(command, keys, lambda pipe, i: ops[i][1](pipe), reply_errors_as_none=True)
-
-
 def registry_options(config: LMCacheConfig, socket_timeout_s: float = REGISTRY_SOCKET_TIMEOUT_S) -> RedisOptions:
     """The registry's connection settings: the ``LMCACHE_REMOTE_*`` password file, Sentinel and TLS
     settings and key prefix (as ``lmcache-connector config --check-remote`` uses them), with a short
@@ -115,12 +95,9 @@ def registry_options(config: LMCacheConfig, socket_timeout_s: float = REGISTRY_S
     return dataclasses.replace(options, ttl_secs=None, socket_timeout_secs=timeout, connect_timeout_secs=timeout)
 
 
-def connect_registry(url: RemoteUrl, options: RedisOptions) -> RegistryRedis:
+def connect_registry(url: RemoteUrl, options: RedisOptions) -> RedisClient:
     """A registry connection for ``url`` (``LMCACHE_LOOKUP_URL``), built as the remote tier builds its own."""
-    base = connect_redis(url, options)
-    # connect_redis picks the redis-py client for the URL form (standalone, Sentinel master, Cluster),
-    # with its password and TLS; the registry adds commands over that same client.
-    return RegistryRedis(base._client, base.url, base.options, base._password_source)
+    return connect_redis(url, options)  # every URL form, password and TLS setting, as the remote tier's
 
 
 class PeerRegistry:
@@ -129,7 +106,7 @@ class PeerRegistry:
 
     def __init__(
         self,
-        redis: RegistryRedis,
+        redis: RedisClient,
         namespace_hex: str,
         key_prefix: str = "lmc:",
         live_ttl_s: float = LIVE_TTL_S,
@@ -159,7 +136,7 @@ class PeerRegistry:
     def publish(self, instance: InstanceId, chunks: Sequence[StoredChunk]) -> None:
         """The instance holds ``chunks``: add it to their holder sets, write their block entries."""
         member, ttl_ms = str(instance), _ms(self.holder_ttl_s)
-        ops: list[Op] = []
+        ops: list[RedisOp] = []
         for chunk in chunks:
             held = holders_key(self.prefix, self.namespace_hex, chunk.key.hex())
             ops.append((held, lambda p, k=held: p.sadd(k, member)))
@@ -236,7 +213,7 @@ class PeerRegistry:
 
     # ------------------------------------------------------------ pieces
 
-    def _members_ops(self, keys: Sequence[bytes]) -> list[Op]:
+    def _members_ops(self, keys: Sequence[bytes]) -> list[RedisOp]:
         names = [holders_key(self.prefix, self.namespace_hex, key.hex()) for key in keys]
         # SRANDMEMBER with a count: at most MAX_HOLDERS distinct members, however many were planted.
         return [(name, lambda p, k=name: p.srandmember(k, MAX_HOLDERS)) for name in names]

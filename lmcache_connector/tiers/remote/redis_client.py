@@ -62,6 +62,8 @@ INSTALL_HINT = "pip install 'lmcache-connector[redis]'"
 
 _T = TypeVar("_T")
 
+RedisOp = tuple[str, Callable[[Any], Any]]  # a key, and what to queue on a pipeline for it
+
 
 class RedisNotInstalledError(ImportError):
     """A Redis URL is configured but redis-py is not installed."""
@@ -258,6 +260,22 @@ class RedisClient:
         used = sum(int(node.get("used_memory", 0)) for node in nodes)
         bound = sum(int(node.get("maxmemory", 0)) for node in nodes)
         return used, bound
+
+    def batch(self, command: str, ops: Sequence[RedisOp]) -> list[Any]:
+        """Run ``ops`` (a key, and what to queue on a pipeline for it) in one pipeline, per node on a
+        cluster (ops on a node that fails give ``None``, unless every node fails; a command a node
+        refuses gives ``None`` for its own position); their replies, in order. For callers with
+        commands of their own (the P2P registry's sets and strings); ``command`` names them in errors."""
+        if not ops:
+            return []
+        if not self._cluster:
+            with self._errors(command):
+                pipe = self._client.pipeline(transaction=False)
+                for _, queue in ops:
+                    queue(pipe)
+                return pipe.execute()
+        keys = [key for key, _ in ops]
+        return self._per_node_at(command, keys, lambda pipe, i: ops[i][1](pipe), reply_errors_as_none=True)
 
     def close(self) -> None:
         try:
