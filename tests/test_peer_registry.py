@@ -260,7 +260,7 @@ def test_the_view_answers_pending_then_every_holder_then_from_memory(registry, s
         try:
             started = time.monotonic()
             assert view.best_piece(chunk.block_fps)[1] == 4
-            assert time.monotonic() - started < 0.01
+            assert time.monotonic() - started < 0.1  # a round trip to the stopped registry would hang 0.5 s
         finally:
             server.resume()
         view.forget(chunk.key, holder=a)
@@ -297,7 +297,7 @@ def test_a_hung_registry_is_a_miss_at_once_and_comes_back(server, monkeypatch, c
             try:
                 started = time.monotonic()
                 assert view.best_piece(chunk.block_fps) is PENDING
-                assert time.monotonic() - started < 0.02  # waited a few ms at most
+                assert time.monotonic() - started < 0.04  # a few ms at most, not the 50 ms deadline
                 time.sleep(0.06)
                 view.poll()
                 assert view.best_piece(chunk.block_fps) is None and not view.up()
