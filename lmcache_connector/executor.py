@@ -485,6 +485,9 @@ class Executor:
             self.counters.add(f"evictions.{name}", len(gone))
         if store.writes_stopped():
             self._report.writes_stopped.add(name)
+        skipped = self._report.skipped_sources
+        for source, seconds in store.take_skipped_sources().items():
+            skipped[(name, source)] = max(skipped.get((name, source), 0.0), seconds)
 
     def state(self) -> dict:
         """What a test (or an operator's debugging session) may read about this rank."""

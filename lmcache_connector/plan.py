@@ -106,6 +106,7 @@ class WorkerReport:
     write_failed: Counter = field(default_factory=Counter)  # (tier, store id) -> ranks whose write failed
     gone: set[tuple[str, bytes]] = field(default_factory=set)  # (tier, chunk key) evicted or found bad
     writes_stopped: set[str] = field(default_factory=set)  # tiers a rank stopped writing to
+    skipped_sources: dict[tuple[str, str], float] = field(default_factory=dict)  # (tier, source) -> seconds
     async_done: Counter = field(default_factory=Counter)  # request id -> ranks that finished its async load
     worker_disabled: bool = False  # a rank cannot move bytes at all (e.g. unusable KV layout)
 
@@ -120,6 +121,10 @@ class WorkerReport:
             write_failed=self.write_failed + other.write_failed,
             gone=self.gone | other.gone,
             writes_stopped=self.writes_stopped | other.writes_stopped,
+            skipped_sources={
+                key: max(self.skipped_sources.get(key, 0.0), other.skipped_sources.get(key, 0.0))
+                for key in self.skipped_sources.keys() | other.skipped_sources.keys()
+            },
             async_done=self.async_done + other.async_done,
             worker_disabled=self.worker_disabled or other.worker_disabled,
         )
@@ -134,6 +139,7 @@ class WorkerReport:
             or self.write_failed
             or self.gone
             or self.writes_stopped
+            or self.skipped_sources
             or self.async_done
             or self.worker_disabled
         )

@@ -573,6 +573,9 @@ class Planner:
         for name, key in report.gone:
             if name in self._tiers:
                 self._tiers[name].forget(key)
+        for (name, source), seconds in report.skipped_sources.items():
+            if name in self._tiers:
+                self._tiers[name].skip_source(source, seconds)
 
     def _discard_failed(self, pins: list[tuple[str, bytes]], slots: set[int]) -> None:
         for req_id, key in pins:

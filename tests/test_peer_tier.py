@@ -42,6 +42,9 @@ class FakeView:
         self.answer = answer
         self.forgotten: list[bytes] = []
 
+    def poll(self):
+        pass
+
     def best_piece(self, block_fps):
         return self.answer
 
@@ -82,6 +85,24 @@ def test_a_hit_names_every_live_holder_as_where_to_fetch_it():
     assert chunk.sources == ("10.0.0.5:8200/0a0b0c0d", "10.0.0.6:8200/01020304")
     assert catalog(FakeView(PENDING))[0].best_piece(FPS) is PENDING
     assert catalog(FakeView(None))[0].best_piece(FPS) is None
+
+
+def test_holders_a_worker_skips_are_left_out_of_answers_until_their_window_ends():
+    """A worker that found a holder bad skips it for a while and says so (``skip_source``): the
+    scheduler plans no fill from it meanwhile, rather than one that would fail at once."""
+    holders = (
+        InstanceId(PeerAddress("10.0.0.5", 8200), "0a0b0c0d"),
+        InstanceId(PeerAddress("10.0.0.6", 8200), "01020304"),
+    )
+    tier, _ = catalog(FakeView((PeerChunk(StoredChunk(KEY, FPS), holders), 4)))
+    tier.skip_source(str(holders[0]), 0.2)
+    assert tier.best_piece(FPS)[0].sources == (str(holders[1]),)  # the other holder still serves it
+    tier.skip_source(str(holders[1]), 0.2)
+    assert tier.best_piece(FPS) is None  # only skipped holders: a miss (the next tier, or a recompute)
+    time.sleep(0.25)
+    tier.poll()
+    chunk, n = tier.best_piece(FPS)
+    assert chunk.sources == tuple(str(h) for h in holders) and n == 4  # both tried again
 
 
 def test_a_chunk_is_published_once_held_and_withdrawn_only_when_neither_memory_nor_disk_holds_it():

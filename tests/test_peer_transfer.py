@@ -341,9 +341,11 @@ def test_a_bad_peer_is_tried_again_after_its_back_off_and_doubles_it_when_still_
     health = PeerHealth(first_s=0.05, max_s=1.0)
     health.failed("p:1", RuntimeError("x"))
     assert not health.usable("p:1")
+    assert health.take_news() == {"p:1": 0.05} and health.take_news() == {}  # for the scheduler, once
     time.sleep(0.06)
     assert health.usable("p:1")
     health.failed("p:1", RuntimeError("again"))  # no second warning; 0.1 s now
+    assert health.take_news() == {"p:1": 0.1}
     time.sleep(0.06)
     assert not health.usable("p:1")
     health.succeeded("p:1")

@@ -177,3 +177,28 @@ def test_with_the_registry_hung_both_instances_serve_from_their_own_tiers_and_sh
     assert second.connector.planner.totals.hit_tokens_by_tier["peer"] == DOCUMENT_TOKENS
     assert not second.errors() and not first.errors()
     second.assert_clean()
+
+
+def test_a_peer_a_worker_skips_is_not_planned_from_until_its_window_ends(instances):
+    """Rank 1 of the second instance finds the first's rank 1 dead and skips it (1 s); the scheduler
+    hears of it in the same step's report, so the next request for another chunk the first holds
+    is computed at once: no fill planned from the peer, no load that fails, nothing reported to vLLM."""
+    document, other = random_prompt(DOCUMENT_TOKENS, seed=3), random_prompt(32, seed=4)
+    first = instances()
+    serve(first, document + [5, 6])
+    serve(first, other + [5, 6])
+    published(first, 4)
+    first.workers[1].executor.stores["peer"].server.close()
+    second = instances(blocking_timeout_secs=2)
+    serve(second, document + [7, 8, 9])  # planned from the first; rank 1's fill fails: recomputed
+    failed = [w.executor.counters.totals().get("failed_loads", 0) for w in second.workers]
+    reported = dict(second.reported_at)
+    assert failed[1] > 0 and reported
+    started = time.monotonic()
+    req = serve(second, other + [7, 8, 9])
+    assert time.monotonic() - started < 1.0, "the request came after the skip window: nothing proved"
+    assert second.hit_tokens(req) == 0
+    assert [w.executor.counters.totals().get("failed_loads", 0) for w in second.workers] == failed
+    assert second.reported_at == reported  # no load error: vLLM never waited for the peer
+    assert not second.errors()
+    second.assert_clean()

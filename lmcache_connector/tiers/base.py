@@ -175,6 +175,11 @@ class Catalog(ABC):
         """A worker stopped writing to this medium (e.g. a read-only folder): plan no more writes."""
         return None
 
+    def skip_source(self, source: str, seconds: float) -> None:
+        """A worker skips ``source`` (one of ``StoredChunk.sources``) for ``seconds``: plan no fill
+        from it meanwhile (:meth:`Store.take_skipped_sources`)."""
+        return None
+
     def discard(self, key: bytes) -> None:
         """Forget the chunk and remove it from the medium (a write that landed after a reset)."""
         self.forget(key)
@@ -234,6 +239,12 @@ class Store(ABC):
 
     def writes_stopped(self) -> bool:
         return False
+
+    def take_skipped_sources(self) -> dict[str, float]:
+        """Sources (``StoredChunk.sources``) this rank started skipping since the last call, and for
+        how many seconds (the peer tier: a peer that failed). The scheduler plans no fill from them
+        meanwhile, so a request does not wait for a load that will fail at once."""
+        return {}
 
     def attach(self, slots, stores: dict[str, Store]) -> None:
         """Called once every store of the rank is open: ``slots`` is the rank's

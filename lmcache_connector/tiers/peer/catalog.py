@@ -16,11 +16,15 @@ background pieces of phase 1:
   registry at once.
 
 The tier is never written behind a memory slot (``accepts_writes`` is False): peers' bytes are
-their own. A chunk a fill found missing or bad at every holder is forgotten until asked again.
+their own. A chunk a fill found missing or bad at every holder is forgotten until asked again. A
+holder a worker started skipping (it failed: garbage, silence, a dead connection) is left out of
+every answer for as long as that worker skips it (``skip_source``, 1 s doubling up to 60 s), so no
+request waits for a fill that would fail at once; a chunk only skipped holders hold is a miss.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from lmcache_connector.tiers.base import PENDING, Catalog, HeldChange, StoredChunk, _Pending
@@ -44,9 +48,13 @@ class PeerCatalog(Catalog):
         self.view = view
         self.publisher = publisher
         self._holding: dict[bytes, set[str]] = {}  # chunk -> this instance's tiers that hold it
+        self._skipped: dict[str, float] = {}  # holder (as a source) -> when the workers try it again
 
     def poll(self) -> None:
         self.view.poll()
+        if self._skipped:
+            now = time.monotonic()
+            self._skipped = {source: until for source, until in self._skipped.items() if until > now}
 
     def prefetch(self, block_fps: Sequence[bytes], blocks_per_chunk: int) -> None:
         self.view.prefetch(block_fps, blocks_per_chunk)
@@ -57,7 +65,16 @@ class PeerCatalog(Catalog):
             return found
         piece, n = found
         sources = tuple(str(holder) for holder in piece.holders)
+        if self._skipped:
+            now = time.monotonic()
+            sources = tuple(source for source in sources if self._skipped.get(source, 0.0) <= now)
+            if not sources:
+                return None  # every holder is being skipped: a miss now, asked again later
         return StoredChunk(piece.chunk.key, piece.chunk.block_fps, sources), n
+
+    def skip_source(self, source: str, seconds: float) -> None:
+        until = time.monotonic() + seconds
+        self._skipped[source] = max(self._skipped.get(source, 0.0), until)
 
     def accepts_writes(self) -> bool:
         return False

@@ -314,6 +314,7 @@ class PeerHealth:
         self._bad: dict[str, _Bad] = {}
         self._lock = threading.Lock()
         self._counts: dict[str, float] = {}
+        self._news: dict[str, float] = {}  # peers whose skip window just started -> its seconds
 
     def usable(self, peer: object) -> bool:
         with self._lock:
@@ -329,8 +330,10 @@ class PeerHealth:
                 bad.wait = min(bad.wait * 2, self.max_s)
                 bad.until = time.monotonic() + bad.wait
                 bad.failures += 1
+                self._news[name] = bad.wait
                 return
             self._bad[name] = _Bad(time.monotonic() + self.first_s, self.first_s)
+            self._news[name] = self.first_s
         logger.warning(
             "lmcache_connector: peer %s failed (%s); skipping it for a while (those chunks are recomputed "
             "or fetched from another holder)",
@@ -354,6 +357,12 @@ class PeerHealth:
         with self._lock:
             counts, self._counts = self._counts, {}
         return counts
+
+    def take_news(self) -> dict[str, float]:
+        """Peers whose skip window started since the last call, and its length in seconds."""
+        with self._lock:
+            news, self._news = self._news, {}
+        return news
 
 
 def fetch_from_holders(

@@ -13,7 +13,9 @@ worker rank:
   (``Fill.sources``); the chunk's shard of this rank is fetched from the same rank of each holder
   in turn (:func:`~.client.fetch_from_holders`), straight into the memory slot and verified, within
   ``LMCACHE_BLOCKING_TIMEOUT_SECS``. A holder that fails is skipped for a while
-  (:class:`~.client.PeerHealth`: one warning per peer that goes bad). Nothing usable from any
+  (:class:`~.client.PeerHealth`: one warning per peer that goes bad), and the scheduler is told
+  (``take_skipped_sources``, by the name the plan gave it) so it plans no fill from it meanwhile.
+  Nothing usable from any
   holder is a :class:`~lmcache_connector.tiers.base.ChunkMiss`: the request recomputes, and with
   tensor parallelism the scheduler's report ledger makes the chunk a miss on every rank.
 
@@ -86,6 +88,9 @@ class PeerStore(Store):
         self.token = token
         self.health = health or PeerHealth()
         self.server: PeerServer | None = None
+        # This rank's address of each holder -> the holder as the plan names it (its source), so
+        # the peers it skips are reported to the scheduler by the names the scheduler knows.
+        self._source_of: dict[str, str] = {}
 
     def attach(self, slots: SlotTable, stores: dict[str, Store]) -> None:
         source = TierSource(slots, stores.get("disk"), self.chunk_shape)
@@ -109,9 +114,11 @@ class PeerStore(Store):
             if instance is None:
                 continue
             try:
-                holders.append(instance.address.for_rank(self.worker_rank))
+                address = instance.address.for_rank(self.worker_rank)
             except ValueError:
                 continue  # a holder whose ports end before this rank's: not one of ours
+            holders.append(address)
+            self._source_of[str(address)] = source
         if not holders:
             raise ChunkMiss(f"no peer holds chunk {key.hex()[:12]}")
         want = ChunkWant(tuple(block_fps), self.chunk_shape(len(block_fps)), regions)
@@ -124,6 +131,10 @@ class PeerStore(Store):
 
     def take_results(self) -> tuple[list[WriteResult], list[bytes]]:
         return [], []
+
+    def take_skipped_sources(self) -> dict[str, float]:
+        news = self.health.take_news()
+        return {self._source_of[peer]: seconds for peer, seconds in news.items() if peer in self._source_of}
 
     def take_counts(self) -> dict[str, float]:
         counts = {"remote_failures": self.health.take_counts().get("peer_failures", 0)}
