@@ -15,9 +15,9 @@ worker rank:
   ``LMCACHE_BLOCKING_TIMEOUT_SECS``. A holder that fails is skipped for a while
   (:class:`~.client.PeerHealth`: one warning per peer that goes bad), and the scheduler is told
   (``take_skipped_sources``, by the name the plan gave it) so it plans no fill from it meanwhile.
-  Nothing usable from any
-  holder is a :class:`~lmcache_connector.tiers.base.ChunkMiss`: the request recomputes, and with
-  tensor parallelism the scheduler's report ledger makes the chunk a miss on every rank.
+  Nothing usable from any holder is a :class:`~lmcache_connector.tiers.base.ChunkMiss`: the
+  request recomputes, and with tensor parallelism the scheduler's report ledger makes the chunk a
+  miss on every rank.
 
 The tier takes no writes (its catalog never plans one).
 """
