@@ -34,6 +34,7 @@ import logging
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -54,7 +55,7 @@ class Answer(Generic[Held]):
     used: bool = False
 
 
-class LookupCache(Generic[Held]):
+class LookupCache(ABC, Generic[Held]):
     answer_ttl_s = 5.0  # a used answer is asked again after this long
     answer_max_age_s = 60.0  # an answer nobody used is dropped after this long
     answer_wait_s = 0.003  # the longest a lookup waits for an answer it just asked for
@@ -83,9 +84,9 @@ class LookupCache(Generic[Held]):
         self._thread.start()
 
     @property
+    @abstractmethod
     def service(self) -> str:
         """The service, as warnings name it (``the remote tier redis://…``)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------ scheduler thread
 
@@ -293,14 +294,14 @@ class LookupCache(Generic[Held]):
 
     # ------------------------------------------------------------ the subclass's, background thread
 
+    @abstractmethod
     def _resolve(self, questions: list[Question]) -> dict[bytes, Held | None]:
         """What holds each asked block boundary (None: nothing), from the service; RemoteError when
         the service cannot be asked."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _ping(self) -> None:
         """Raise RemoteError unless the service answers."""
-        raise NotImplementedError
 
     def _handle_other(self, kind: str, payload: Any) -> None:
         """Work the subclass queued on ``self._work`` as ``(kind, payload)``."""
