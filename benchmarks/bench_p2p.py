@@ -234,7 +234,7 @@ def throughput(chunks: int, repeats: int) -> dict:
 def warm_ttft(prompts_count: int, tokens: int, lookup_timeout_ms: int) -> dict:
     import redis_servers
     from bench_engines import bench_engine
-    from bench_remote import VOCAB, ttft, warm_up
+    from bench_remote import VOCAB, ttft, vllm_baseline, warm_up
     from peer_support import free_ports
 
     from lmcache_connector.testing.tiny_model import random_prompt
@@ -259,18 +259,7 @@ def warm_ttft(prompts_count: int, tokens: int, lookup_timeout_ms: int) -> dict:
                 "LMCACHE_REMOTE_LOOKUP_TIMEOUT_MS": str(lookup_timeout_ms),
             }
 
-        with bench_engine("vllm-prefix-cache", tmp, cpus={1}) as e:
-            warm_up(e)
-            colds = [ttft(e, p)[0] for p in prompts[: min(3, prompts_count)]]
-            hits = [ttft(e, prompts[0]) for _ in range(max(3, prompts_count))]
-        results["cold_s"] = statistics.median(colds)
-        results["vllm_prefix_hit_s"] = statistics.median(s for s, _ in hits)
-        results["vllm_prefix_hit_cached_tokens"] = hits[-1][1]
-        print(
-            f"  cold prefill {results['cold_s']:.3f}s; vLLM prefix-cache hit {results['vllm_prefix_hit_s']:.3f}s "
-            f"({hits[-1][1]} tokens cached)",
-            flush=True,
-        )
+        results.update(vllm_baseline(tmp, prompts, hits=max(3, prompts_count), cpus={1}))
         with bench_engine("lmcache_connector", tmp, env=p2p_env(), cpus={0}) as a:
             warm_up(a)
             results["ours_cold_storing_s"] = statistics.median(ttft(a, p)[0] for p in prompts)

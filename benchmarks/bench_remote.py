@@ -174,24 +174,33 @@ def warm_up(engine: EngineProcess) -> None:
     engine.generate([random_prompt(64, seed=99, vocab_size=VOCAB)], max_tokens=2)
 
 
+def vllm_baseline(tmp: str, prompts: list[list[int]], hits: int, cpus: set[int] | None = None) -> dict:
+    """The baselines of a warm-TTFT figure, in the same run: a cold prefill (median of the first
+    prompts, up to 3) and vLLM's own prefix-cache hit (``prompts[0]`` again, median of ``hits``)."""
+    with bench_engine("vllm-prefix-cache", tmp, cpus=cpus) as e:
+        warm_up(e)
+        colds = [ttft(e, p)[0] for p in prompts[: min(3, len(prompts))]]
+        samples = [ttft(e, prompts[0]) for _ in range(hits)]
+    results = {
+        "cold_s": statistics.median(colds),
+        "vllm_prefix_hit_s": statistics.median(s for s, _ in samples),
+        "vllm_prefix_hit_cached_tokens": samples[-1][1],
+    }
+    print(
+        f"  cold prefill {results['cold_s']:.3f}s; vLLM prefix-cache hit {results['vllm_prefix_hit_s']:.3f}s "
+        f"({samples[-1][1]} tokens cached)",
+        flush=True,
+    )
+    return results
+
+
 # ---------------------------------------------------------------- 2. warm TTFT from Redis
 
 
 def warm_ttft(tmp: str, url: str, repeats: int, tokens: int) -> dict:
     prompts = [random_prompt(tokens, seed=1 + i, vocab_size=VOCAB) for i in range(repeats)]
     results: dict = {"prompt_tokens": tokens, "repeats": repeats}
-    with bench_engine("vllm-prefix-cache", tmp) as e:
-        warm_up(e)
-        colds = [ttft(e, p)[0] for p in prompts[: min(3, repeats)]]
-        hits = [ttft(e, prompts[0]) for _ in range(repeats)]
-    results["cold_s"] = statistics.median(colds)
-    results["vllm_prefix_hit_s"] = statistics.median(s for s, _ in hits)
-    results["vllm_prefix_hit_cached_tokens"] = hits[-1][1]
-    print(
-        f"  cold prefill {results['cold_s']:.3f}s; vLLM prefix-cache hit {results['vllm_prefix_hit_s']:.3f}s "
-        f"({hits[-1][1]} tokens cached)",
-        flush=True,
-    )
+    results.update(vllm_baseline(tmp, prompts, hits=repeats))
     with bench_engine("lmcache_connector", tmp, env=remote_env(url)) as a:
         warm_up(a)
         stores = [ttft(a, p)[0] for p in prompts]

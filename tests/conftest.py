@@ -74,3 +74,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def engine_tmp(tmp_path_factory) -> Path:
     """vLLM's, torch's and ZMQ's scratch files stay inside the test's temp folder."""
     return tmp_path_factory.mktemp("engine")
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    """A real redis-server for one module's engines (the remote tier's store, or the P2P registry)."""
+    import redis_servers
+
+    with redis_servers.redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server

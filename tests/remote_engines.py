@@ -32,11 +32,12 @@ def remote_env(url: str, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def engine_pair(engine_tmp: Path, env: dict[str, str]) -> Iterator[tuple]:
-    """Two engines on the same store, side by side, one core each."""
+def engine_pair(engine_tmp: Path, env: dict[str, str], second_env: dict[str, str] | None = None) -> Iterator[tuple]:
+    """Two engines on the same store, side by side, one core each (the second with ``second_env``
+    when given)."""
     first = start_engine(TINY, engine_tmp, env=env, extra_config=CHUNK, cpus={0})
     try:
-        second = start_engine(TINY, engine_tmp, env=env, extra_config=CHUNK, cpus={1})
+        second = start_engine(TINY, engine_tmp, env=second_env or env, extra_config=CHUNK, cpus={1})
         try:
             yield first, second
         finally:

@@ -343,6 +343,12 @@ class Sim:
 
     # ------------------------------------------------------------ runs and end checks
 
+    def serve(self, tokens: list[int], max_tokens: int = 2) -> str:
+        """One request, run until vLLM has none left; its id."""
+        req_id = self.add_request(list(tokens), max_tokens=max_tokens)
+        self.run()
+        return req_id
+
     def run(self, max_steps: int = 10_000) -> int:
         """Step until vLLM has no request left; returns the number of steps."""
         steps = 0

@@ -8,9 +8,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
-from peer_support import NAMESPACE, REGIONS, ROW, TOKEN, PoolSource, make_chunk
+from peer_support import NAMESPACE, REGIONS, ROW, TOKEN, PoolSource, counts_reaching, free_ports, make_chunk
 
 from lmcache_connector.tiers.base import PENDING, ChunkMiss, HeldChange, StoredChunk
 from lmcache_connector.tiers.peer.addresses import InstanceId, PeerAddress
@@ -171,65 +173,47 @@ def _store(port: int, token: bytes | None = TOKEN) -> PeerStore:
     return PeerStore(client, 0, PeerAddress("127.0.0.1", port), shape, timeout_s=2.0, token=token)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_a_rank_fetches_a_chunk_from_the_same_rank_of_a_holder_and_misses_without_one():
-    chunk = make_chunk()
+@contextmanager
+def _holder_and(chunk, token: bytes | None = TOKEN) -> Iterator[tuple[PeerStore, PeerStore, str]]:
+    """A rank serving ``chunk`` from its memory slots, another rank (holding ``token``) to fetch
+    it, and the serving instance as a plan names it (a source)."""
     pool = PoolSource()
     pool.add(chunk)
-    port = _free_port()
+    port = free_ports(1)
     serving = _store(port)
     serving.attach(pool.table, {})
-    fetching = _store(_free_port())
+    fetching = _store(free_ports(1), token=token)
     try:
-        buffer = bytearray(len(chunk.data))
-        regions = [
-            memoryview(buffer)[i * len(buffer) // REGIONS : (i + 1) * len(buffer) // REGIONS] for i in range(REGIONS)
-        ]
-        fetching.read_into(chunk.key, chunk.block_fps, regions, sources=[f"127.0.0.1:{port}/0a0b0c0d"])
-        assert bytes(buffer) == chunk.data
-        assert _counts_soon(serving) == {"served_chunks.peer": 1, "served_bytes.peer": len(chunk.data)}
-        with pytest.raises(ChunkMiss):
-            fetching.read_into(chunk.key, chunk.block_fps, regions, sources=["not an instance"])
-        with pytest.raises(ChunkMiss):
-            fetching.read_into(
-                make_chunk().key, make_chunk().block_fps, regions, sources=[f"127.0.0.1:{port}/0a0b0c0d"]
-            )
+        yield serving, fetching, f"127.0.0.1:{port}/0a0b0c0d"
     finally:
         serving.close(1)
         fetching.close(1)
 
 
-def _counts_soon(store: PeerStore, timeout: float = 2.0) -> dict[str, float]:
-    """The store's counts once the server's thread counted what it sent (just after sending it)."""
-    counts: dict[str, float] = {}
-    deadline = time.monotonic() + timeout
-    while not counts and time.monotonic() < deadline:
-        counts = store.take_counts()
-        time.sleep(0.01)
-    return counts
+def test_a_rank_fetches_a_chunk_from_the_same_rank_of_a_holder_and_misses_without_one():
+    chunk = make_chunk()
+    with _holder_and(chunk) as (serving, fetching, holder):
+        buffer = bytearray(len(chunk.data))
+        regions = [
+            memoryview(buffer)[i * len(buffer) // REGIONS : (i + 1) * len(buffer) // REGIONS] for i in range(REGIONS)
+        ]
+        fetching.read_into(chunk.key, chunk.block_fps, regions, sources=[holder])
+        assert bytes(buffer) == chunk.data
+        served = {"served_chunks.peer": 1, "served_bytes.peer": len(chunk.data)}
+        assert counts_reaching(serving.take_counts, **served) == served
+        with pytest.raises(ChunkMiss):
+            fetching.read_into(chunk.key, chunk.block_fps, regions, sources=["not an instance"])
+        with pytest.raises(ChunkMiss):
+            fetching.read_into(make_chunk().key, make_chunk().block_fps, regions, sources=[holder])
 
 
 def test_a_wrong_token_gets_no_chunk():
     chunk = make_chunk()
-    pool = PoolSource()
-    pool.add(chunk)
-    port = _free_port()
-    serving = _store(port)
-    serving.attach(pool.table, {})
-    intruder = _store(_free_port(), token=b"another-token-of-someone-else-0123")
-    try:
+    with _holder_and(chunk, token=b"another-token-of-someone-else-0123") as (serving, intruder, holder):
         buffer = bytearray(len(chunk.data))
         with pytest.raises(ChunkMiss):
-            intruder.read_into(chunk.key, chunk.block_fps, [memoryview(buffer)], sources=[f"127.0.0.1:{port}/0a0b0c0d"])
+            intruder.read_into(chunk.key, chunk.block_fps, [memoryview(buffer)], sources=[holder])
         assert intruder.take_counts() == {"remote_failures": 1} and not serving.take_counts()
-    finally:
-        serving.close(1)
-        intruder.close(1)
 
 
 def test_a_port_in_use_is_one_error_and_the_rank_still_fetches(caplog):

@@ -41,12 +41,6 @@ def instances(tmp_path, monkeypatch):
         factory.close()
 
 
-def serve(sim, tokens) -> str:
-    req_id = sim.add_request(list(tokens), max_tokens=2)
-    sim.run()
-    return req_id
-
-
 def published(sim, count: int) -> None:
     """Wait until the instance's registry entries name ``count`` chunks."""
     catalog = sim.connector.planner._tiers["peer"]
@@ -60,10 +54,10 @@ def published(sim, count: int) -> None:
 def test_a_second_instance_fetches_every_ranks_shard_from_the_same_rank_of_the_first(instances):
     document = random_prompt(DOCUMENT_TOKENS, seed=1)
     first = instances()
-    serve(first, document + [5, 6])
+    first.serve(document + [5, 6])
     published(first, 3)
     second = instances()
-    req = serve(second, document + [7, 8, 9])
+    req = second.serve(document + [7, 8, 9])
     assert second.hit_tokens(req) == DOCUMENT_TOKENS
     assert not second.errors()
     # vLLM's prompt_tokens_cached_by_source counts these hits as p2p.
@@ -71,7 +65,7 @@ def test_a_second_instance_fetches_every_ranks_shard_from_the_same_rank_of_the_f
     assert second.connector.planner.totals.hit_tokens_by_tier == {"peer": DOCUMENT_TOKENS}
     # Rank r fetched from rank r of the first instance: each served its own shard of every chunk
     # (counted by the first instance's workers at their next step).
-    serve(first, [5, 6, 7])
+    first.serve([5, 6, 7])
     served = [w.executor.counters.totals().get("served_chunks.peer", 0) for w in first.workers]
     assert served == [3, 3]
     second.assert_clean()
@@ -81,18 +75,18 @@ def test_a_second_instance_fetches_every_ranks_shard_from_the_same_rank_of_the_f
 def test_a_peer_rank_that_stops_serving_is_a_recompute_on_every_rank_and_the_next_request_works(instances):
     document = random_prompt(DOCUMENT_TOKENS, seed=2)
     first = instances()
-    serve(first, document + [5, 6])
+    first.serve(document + [5, 6])
     published(first, 3)
     first.workers[1].executor.stores["peer"].server.close()  # rank 1 of the first instance dies
     second = instances(blocking_timeout_secs=2)
-    serve(second, document + [7, 8, 9])
+    second.serve(document + [7, 8, 9])
     totals = second.workers[1].executor.counters.totals()
     # Each of the three chunks' loads failed once (vLLM recomputed them), counted once, whatever
     # number of its reads from the dead rank had started.
     assert totals.get("failed_loads", 0) == 3 and 1 <= totals.get("failed_reads.peer", 0) <= 3, totals
     assert second.reported_at  # reported to vLLM, which recomputed the blocks: every forward read right KV
     assert not second.errors()
-    again = serve(second, document + [1, 2, 3])  # recomputed, stored in its own memory, served from there
+    again = second.serve(document + [1, 2, 3])  # recomputed, stored in its own memory, served from there
     assert second.hit_tokens(again) == DOCUMENT_TOKENS
     second.assert_clean()
 
@@ -100,9 +94,9 @@ def test_a_peer_rank_that_stops_serving_is_a_recompute_on_every_rank_and_the_nex
 def test_what_an_instance_no_longer_holds_is_withdrawn_and_a_reset_withdraws_everything(instances):
     documents = [random_prompt(DOCUMENT_TOKENS, seed=s) for s in (3, 4)]
     first = instances()
-    serve(first, documents[0] + [5, 6])
+    first.serve(documents[0] + [5, 6])
     published(first, 3)
-    serve(first, documents[1] + [5, 6])  # 4 memory slots: most of the first document is evicted
+    first.serve(documents[1] + [5, 6])  # 4 memory slots: most of the first document is evicted
     catalog = first.connector.planner._tiers["peer"]
     first.settle()
     index = first.connector.planner.index
@@ -114,10 +108,10 @@ def test_what_an_instance_no_longer_holds_is_withdrawn_and_a_reset_withdraws_eve
                 assert (fp in worker.executor.slots) == (fp in index)
     assert first.connector.reset_cache()
     assert catalog.held() == 0 and catalog.publisher.flush(5)
-    serve(first, [5, 6, 7])  # the next step tells the workers: nothing in their slots is served any more
+    first.serve([5, 6, 7])  # the next step tells the workers: nothing in their slots is served any more
     assert not any(fp in worker.executor.slots for worker in first.workers for fp in _fingerprints(first, documents[1]))
     second = instances()
-    req = serve(second, documents[1] + [7, 8])
+    req = second.serve(documents[1] + [7, 8])
     assert second.hit_tokens(req) == 0  # nothing of the first instance is offered any more
     assert not second.errors()
     second.assert_clean()
@@ -126,14 +120,14 @@ def test_what_an_instance_no_longer_holds_is_withdrawn_and_a_reset_withdraws_eve
 def test_a_chunk_only_on_the_peers_disk_is_fetched_from_there(instances):
     documents = [random_prompt(DOCUMENT_TOKENS, seed=s) for s in (5, 6)]
     first = instances(disk=True)
-    serve(first, documents[0] + [5, 6])
-    serve(first, documents[1] + [5, 6])  # evicts most of the first document from memory; disk keeps it
+    first.serve(documents[0] + [5, 6])
+    first.serve(documents[1] + [5, 6])  # evicts most of the first document from memory; disk keeps it
     published(first, 6)
     index = first.connector.planner.index
     on_disk_only = [fp for fp in _fingerprints(first, documents[0])[1::2] if fp not in index]
     assert on_disk_only
     second = instances()
-    req = serve(second, documents[0] + [7, 8])
+    req = second.serve(documents[0] + [7, 8])
     assert second.hit_tokens(req) == DOCUMENT_TOKENS
     assert not second.errors()
     second.assert_clean()
@@ -149,17 +143,17 @@ def _fingerprints(sim, tokens) -> list[bytes]:
 def test_with_the_registry_hung_both_instances_serve_from_their_own_tiers_and_sharing_resumes(instances):
     documents = [random_prompt(DOCUMENT_TOKENS, seed=s) for s in (7, 8)]
     first = instances(remote_lookup_timeout_ms=300)
-    serve(first, documents[0] + [5, 6])
+    first.serve(documents[0] + [5, 6])
     published(first, 3)
     second = instances(remote_lookup_timeout_ms=300)
     instances.server.pause()
     try:
-        req = serve(second, documents[0] + [7, 8])  # the lookup waits 300 ms at most, then recomputes
+        req = second.serve(documents[0] + [7, 8])  # the lookup waits 300 ms at most, then recomputes
         assert second.hit_tokens(req) == 0
         assert not second.connector.planner.state()["tiers"]["peer"]["up"]
-        mine = serve(first, documents[0] + [1, 2])  # the first serves from its own memory meanwhile
+        mine = first.serve(documents[0] + [1, 2])  # the first serves from its own memory meanwhile
         assert first.hit_tokens(mine) == DOCUMENT_TOKENS
-        serve(first, documents[1] + [5, 6])
+        first.serve(documents[1] + [5, 6])
     finally:
         instances.server.resume()
     deadline = time.monotonic() + 20
@@ -167,9 +161,9 @@ def test_with_the_registry_hung_both_instances_serve_from_their_own_tiers_and_sh
     while True:  # the view probes the registry again (0.5 s, then doubling); the publisher catches up
         seed += 1
         document = random_prompt(DOCUMENT_TOKENS, seed=seed)  # new to both: a hit can only come from the first
-        serve(first, document + [5, 6])
+        first.serve(document + [5, 6])
         first.settle(max_requests=1)
-        req = serve(second, document + [7, 8])
+        req = second.serve(document + [7, 8])
         if second.hit_tokens(req) == DOCUMENT_TOKENS:
             break
         assert time.monotonic() < deadline, "sharing never resumed after the registry came back"
@@ -185,17 +179,17 @@ def test_a_peer_a_worker_skips_is_not_planned_from_until_its_window_ends(instanc
     is computed at once: no fill planned from the peer, no load that fails, nothing reported to vLLM."""
     document, other = random_prompt(DOCUMENT_TOKENS, seed=3), random_prompt(32, seed=4)
     first = instances()
-    serve(first, document + [5, 6])
-    serve(first, other + [5, 6])
+    first.serve(document + [5, 6])
+    first.serve(other + [5, 6])
     published(first, 4)
     first.workers[1].executor.stores["peer"].server.close()
     second = instances(blocking_timeout_secs=2)
-    serve(second, document + [7, 8, 9])  # planned from the first; rank 1's fill fails: recomputed
+    second.serve(document + [7, 8, 9])  # planned from the first; rank 1's fill fails: recomputed
     failed = [w.executor.counters.totals().get("failed_loads", 0) for w in second.workers]
     reported = dict(second.reported_at)
     assert failed[1] > 0 and reported
     started = time.monotonic()
-    req = serve(second, other + [7, 8, 9])
+    req = second.serve(other + [7, 8, 9])
     assert time.monotonic() - started < 1.0, "the request came after the skip window: nothing proved"
     assert second.hit_tokens(req) == 0
     assert [w.executor.counters.totals().get("failed_loads", 0) for w in second.workers] == failed

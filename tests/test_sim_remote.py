@@ -33,16 +33,10 @@ def instances(tmp_path, monkeypatch):
         factory.close()
 
 
-def serve(sim, tokens) -> str:
-    req_id = sim.add_request(list(tokens), max_tokens=2)
-    sim.run()
-    return req_id
-
-
 def shared(sim, documents) -> None:
     """Serve the documents and wait until every rank's values are in Redis."""
     for document in documents:
-        serve(sim, document + [5, 6])
+        sim.serve(document + [5, 6])
         # Each write keeps its memory slot pinned until every rank wrote it; a document served while
         # the last one's slots are still pinned would find no slot to store in (a dropped store).
         _settle_writes(sim)
@@ -62,7 +56,7 @@ def test_a_second_instance_loads_every_ranks_shard_of_what_the_first_computed(in
     shared(instances(), documents)
     second = instances()
     for document in documents:
-        req = serve(second, document + [7, 8, 9])
+        req = second.serve(document + [7, 8, 9])
         assert second.hit_tokens(req) == DOCUMENT_TOKENS
     assert not second.errors()
     # vLLM's prompt_tokens_cached_by_source counts these hits as external_unspecified.
@@ -80,7 +74,7 @@ def test_a_chunk_missing_one_ranks_shard_is_not_promised(instances):
     with instances.server.admin() as admin:
         assert admin.delete(value_key("lmc:", namespace, "tp1pp0", fps[3].hex())) == 1  # chunk 1, rank 1
     second = instances()
-    req = serve(second, document + [7, 8, 9])
+    req = second.serve(document + [7, 8, 9])
     assert second.hit_tokens(req) == 32  # chunk 0 only: chunk 1 lacks a shard, so nothing after it counts
     second.assert_clean()
 
@@ -109,11 +103,11 @@ def test_a_shard_gone_or_damaged_at_read_time_is_recomputed_on_every_rank(instan
         return read_into(chunk_key, block_fps, regions)
 
     store.read_into = damaged_just_before_reading
-    serve(second, document + [7, 8, 9])
+    second.serve(document + [7, 8, 9])
     assert second.workers[1].executor.counters.totals().get("failed_loads", 0) > 0
     assert second.reported_at  # blocks reported to vLLM, which recomputed them: every forward read right KV
     assert not second.errors()
-    again = serve(second, document + [1, 2, 3])  # and what was recomputed is stored and served again
+    again = second.serve(document + [1, 2, 3])  # and what was recomputed is stored and served again
     assert second.hit_tokens(again) >= 32
     second.assert_clean()
 

@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable
 
 import pytest
-import redis_servers as rs
 from peer_support import FakePeer, free_ports, hold_until_closed, recv_exactly
-from remote_engines import BLOCK, CHUNK, one
+from remote_engines import BLOCK, CHUNK, engine_pair, one
 from vllm_support import assert_same_greedy, start_engine
 
 from lmcache_connector.testing.tiny_model import SMALL_MHA, TINY, random_prompt
@@ -61,12 +60,6 @@ def p2p_env(redis, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    with rs.redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def pair(engine_tmp, redis):
     """A: a memory tier of 8 chunks and a disk tier; B: memory only."""
     env_a = p2p_env(
@@ -75,18 +68,11 @@ def pair(engine_tmp, redis):
         LMCACHE_LOCAL_DISK=str(engine_tmp / "disk-a"),
         LMCACHE_MAX_LOCAL_DISK_SIZE="0.1",
     )
-    first = start_engine(TINY, engine_tmp, env=env_a, extra_config=CHUNK, cpus={0})
-    first.peer_port = int(env_a["LMCACHE_DISTRIBUTED_URL"].rsplit(":", 1)[1])
-    try:
-        env_b = p2p_env(redis)
-        second = start_engine(TINY, engine_tmp, env=env_b, extra_config=CHUNK, cpus={1})
-        second.peer_port = int(env_b["LMCACHE_DISTRIBUTED_URL"].rsplit(":", 1)[1])
-        try:
-            yield first, second
-        finally:
-            second.close()
-    finally:
-        first.close()
+    env_b = p2p_env(redis)
+    with engine_pair(engine_tmp, env_a, env_b) as (first, second):
+        for engine, env in ((first, env_a), (second, env_b)):
+            engine.peer_port = int(env["LMCACHE_DISTRIBUTED_URL"].rsplit(":", 1)[1])
+        yield first, second
 
 
 def chunks_of(engine, prompt) -> tuple[str, list[StoredChunk]]:

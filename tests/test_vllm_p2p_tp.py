@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-import redis_servers as rs
 from peer_support import free_ports
 from remote_engines import BLOCK, CHUNK, one
 from vllm_support import assert_same_greedy, start_engine
@@ -25,12 +23,6 @@ from lmcache_connector.tiers.peer.registry import holders_key
 
 TP = 2
 BLOCKS_PER_CHUNK = CHUNK["chunk_size"] // BLOCK
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    with rs.redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 def tp_engine(engine_tmp, redis):

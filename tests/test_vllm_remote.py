@@ -20,12 +20,6 @@ from lmcache_connector.tiers.remote.client import value_key
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    with rs.redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def pair(engine_tmp, redis):
     with engine_pair(engine_tmp, remote_env(f"redis://127.0.0.1:{redis.port}")) as engines:
         yield engines
