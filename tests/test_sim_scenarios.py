@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sim_harness import SimFactory, clear_lmcache_env
-from sim_internals import scheduler_half
+from sim_internals import connector_state, scheduler_half
 
 from lmcache_connector.testing.tiny_model import random_prompt
 
@@ -206,3 +206,23 @@ def test_reset_prefix_cache_with_connector_forgets_every_chunk(make_sim, disk):
     sim.run()
     assert sim.hit_tokens(req) == 0
     sim.assert_clean()
+
+
+def test_writes_that_land_after_the_last_request_are_reported_without_another_request(make_sim):
+    # vLLM's serving loop steps while scheduler.has_requests(), which asks the connector
+    # (has_pending_push_work) once no request is left. A chunk file that lands after the request's
+    # last step must reach the disk catalog through those empty steps, not wait for a next request.
+    sim = make_sim(disk=True, prefix_caching=False)
+    sim.faults.hold_disk_writes(rank=0)
+    req = sim.add_request(random_prompt(40, seed=1), max_tokens=2)
+    while req in sim.requests:
+        sim.step()
+    sim.step()  # the step that tells the workers the request finished
+    assert not sim.scheduler.has_unfinished_requests() and not sim.scheduler.has_finished_requests()
+    assert sim.scheduler.has_requests(), "vLLM would go idle with the write unreported"
+    assert connector_state(sim.connector)["disk_chunks"] == 0
+    sim.faults.release_disk_writes(rank=0)
+    sim.run()  # empty steps, as vLLM's loop runs them
+    state = connector_state(sim.connector)
+    assert (state["disk_chunks"], state["inflight"], state["pins"]) == (1, 0, 0)
+    assert not sim.scheduler.has_requests()

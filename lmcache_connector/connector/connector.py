@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from lmcache_connector.config import describe, load_config
+from lmcache_connector.connector.idle_steps import IdleSteps
 from lmcache_connector.connector.kv_events import KVEventAnnouncer, kv_events_enabled
 from lmcache_connector.connector.metrics import LMCacheConnectorStats, build_prom_metrics, build_stats
 from lmcache_connector.connector.scheduler import prompt_request, scheduled_requests
@@ -99,6 +100,7 @@ class LMCacheConnector(KVConnectorBase_V1):
         self.planner: Planner | None = None
         self.executor: Executor | None = None
         self.events: KVEventAnnouncer | None = None  # only while vLLM publishes KV-cache events
+        self.idle_steps = IdleSteps()
         if role == KVConnectorRole.SCHEDULER:
             self.planner = Planner(self.config, self.geometry, media(self.config.extra_tiers))
             if kv_events_enabled(vllm_config):
@@ -281,6 +283,15 @@ class LMCacheConnector(KVConnectorBase_V1):
         if self.planner is not None:
             self.planner.request_finished(request.request_id)
         return False, None
+
+    def _no_pending_work(self) -> bool:
+        return False
+
+    @_shielded(_no_pending_work)
+    def has_pending_push_work(self) -> bool:
+        """vLLM asks this only when no request is left: True keeps its loop running empty steps
+        while the workers owe reports of background writes (:mod:`.idle_steps`)."""
+        return self.planner is not None and self.idle_steps.wanted(self.planner.inflight)
 
     def reset_cache(self) -> bool | None:
         return self.planner.reset_cache() if self.planner is not None else None
