@@ -21,15 +21,24 @@ class FakeTime:
 
 def _steps(give_up_s: float = 30.0) -> tuple[IdleSteps, FakeTime]:
     time = FakeTime()
-    return IdleSteps(pause_s=0.002, give_up_s=give_up_s, clock=time.clock, sleep=time.sleep), time
+    return IdleSteps(pause_s=0.002, max_pause_s=0.02, give_up_s=give_up_s, clock=time.clock, sleep=time.sleep), time
 
 
 def test_the_engine_steps_while_reports_are_owed_and_stops_when_none_are():
     steps, time = _steps()
-    assert steps.wanted(3) and steps.wanted(2) and steps.wanted(2)
-    assert time.slept == [0.002] * 3  # paced: one empty step per pause, not a busy loop
+    assert steps.wanted(3) and steps.wanted(2)
+    assert time.slept == [0.002, 0.002]  # paced: one empty step per pause, not a busy loop
     assert not steps.wanted(0)
-    assert len(time.slept) == 3  # nothing owed: no pause either
+    assert len(time.slept) == 2  # nothing owed: no pause either
+
+
+def test_the_pause_grows_while_no_report_arrives_and_shrinks_when_one_does():
+    steps, time = _steps()
+    for _ in range(6):
+        assert steps.wanted(4)
+    assert time.slept == [0.002, 0.004, 0.008, 0.016, 0.02, 0.02]  # a slow store: fewer empty steps
+    assert steps.wanted(3)
+    assert time.slept[-1] == 0.002
 
 
 def test_owed_reports_that_make_no_progress_stop_the_empty_steps():

@@ -8,8 +8,10 @@ write, and ``/metrics`` lags behind what was stored. vLLM's serving loop asks
 ``has_pending_push_work`` only when no request is left, and steps on (empty steps, which carry the
 workers' reports) while the answer is True. :class:`IdleSteps` gives that answer:
 
-* True while reports are owed, at most one empty step per ``pause_s``: the pause is spent in
-  vLLM's loop, which has nothing else to do; a request arriving meanwhile waits at most that long.
+* True while reports are owed, with a pause before each empty step, spent in vLLM's loop, which
+  has nothing else to do: ``pause_s`` after progress, doubling up to ``max_pause_s`` while none is
+  made (a slow store's write-behind does not keep a core busy with empty steps). A request
+  arriving meanwhile waits at most one pause.
 * False once the owed reports made no progress for ``give_up_s`` (a write that its tier keeps
   retrying, a worker that lost track of a job): the engine then idles as before, and the next
   request's steps carry whatever arrives later. Any progress, or a new idle period, starts over.
@@ -33,16 +35,19 @@ class IdleSteps:
     def __init__(
         self,
         pause_s: float = 0.002,
+        max_pause_s: float = 0.02,
         give_up_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self.pause_s = pause_s
+        self.max_pause_s = max_pause_s
         self.give_up_s = give_up_s
         self._clock = clock
         self._sleep = sleep
         self._owed = 0
         self._progress_at = 0.0
+        self._pause = pause_s
         self._asked_at = float("-inf")
         self._gave_up = False
 
@@ -55,7 +60,7 @@ class IdleSteps:
             self._owed = 0
             return False
         if new_period or owed != self._owed:
-            self._owed, self._progress_at, self._gave_up = owed, now, False
+            self._owed, self._progress_at, self._gave_up, self._pause = owed, now, False, self.pause_s
         if now - self._progress_at > self.give_up_s:
             if not self._gave_up:
                 self._gave_up = True
@@ -66,5 +71,6 @@ class IdleSteps:
                     self.give_up_s,
                 )
             return False
-        self._sleep(self.pause_s)
+        self._sleep(self._pause)
+        self._pause = min(2 * self._pause, self.max_pause_s)
         return True
