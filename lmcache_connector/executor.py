@@ -18,7 +18,9 @@ the plan; a custom engine can do the same). One instance per rank:
   are queued to their background writers.
 * ``finished_loads`` (end of step) — background loads whose fills are done copy their slots into
   the request's blocks on this thread and are reported finished (done or failed).
-* ``take_report`` — per job, this rank's outcome (done or failed), for the scheduler's ledger.
+* ``take_counters`` / ``take_report`` (end of step, in that order, as vLLM calls them) — this step's
+  counters, and per job this rank's outcome (done or failed) for the scheduler's ledger; both tell
+  of the same finished work.
 
 The worker also keeps a :class:`~lmcache_connector.tiers.memory.slots.SlotTable`: which chunk each
 memory slot holds, with per-slot generations. A slot is marked as being overwritten before any
@@ -94,6 +96,7 @@ class Executor:
         self._idle_step = False  # the current step computes nothing (see finished_loads)
         self._async: dict[str, tuple[AsyncLoad, Future]] = {}  # request id -> its background load
         self.counters = Counters()
+        self._gathered = False  # this step's results were gathered with its counters
 
     @property
     def disabled(self) -> bool:
@@ -430,15 +433,31 @@ class Executor:
         for tier in spec.writes:
             self._report.write_failed[(tier, spec.store_id)] += 1
 
+    def take_counters(self) -> dict:
+        """This step's counters, for vLLM's stats (:meth:`Counters.take`).
+
+        vLLM takes a step's stats before its report, and an idle engine stops stepping once the last
+        report arrived: what the stores finished is gathered here, so each result's counters travel
+        in the same step as its report instead of waiting for a next request."""
+        self._gather_results()
+        self._gathered = True
+        return self.counters.take()
+
     def take_report(self) -> WorkerReport | None:
         if self.disabled:
             self._report.worker_disabled = True
-        else:
+        elif not self._gathered:  # a caller that takes no stats (the custom-engine API)
+            self._gather_results()
+        self._gathered = False
+        report, self._report = self._report, WorkerReport()
+        return report if report else None
+
+    def _gather_results(self) -> None:
+        """Stores whose bytes completed and writes the secondaries finished since the last call."""
+        if not self.disabled:
             self._stores_done(self.mover.poll_stores())
         for name, store in self.stores.items():
             self._collect_write_results(name, store)
-        report, self._report = self._report, WorkerReport()
-        return report if report else None
 
     def _stores_done(self, store_ids: list[int]) -> None:
         """Stores whose bytes are complete: report them, and queue their writes behind memory."""

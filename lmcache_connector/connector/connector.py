@@ -164,8 +164,10 @@ class LMCacheConnector(KVConnectorBase_V1):
         return build_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_kv_connector_stats(self) -> LMCacheConnectorStats | None:
-        half = self.planner or self.executor
-        data = half.counters.take() if half is not None else {}
+        if self.planner is not None:
+            data = self.planner.counters.take()
+        else:
+            data = self.executor.take_counters() if self.executor is not None else {}
         return build_stats(data) if data else None
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[CacheHitSource, int]:
